@@ -1,0 +1,317 @@
+"""``raysrec prepare``: raw interaction log -> sharded per-user sequences, on Ray Data.
+
+Stages (each distributed; the driver only ever holds vocabularies and per-shard counters):
+
+1. **read**: every input file is cut into byte ranges / row groups; Ray Data tasks parse them
+   (:func:`raysrec.data.sources.read_split`), mark low ratings and add the user's shard number.
+2. **group**: ``groupby(shard).map_groups`` sends all events of a user to one task, which drops
+   marked rows and exact duplicates, sorts by (timestamp, input order) and writes one Parquet
+   file of per-user sequences per shard.
+3. **filter**: per-shard tasks count items after the item/user k-core and minimum-length
+   filters; the driver iterates until the k-core is stable and builds the item vocabulary.
+4. **finalize**: per-shard tasks map ids to dense indices, truncate, and write
+   ``sequences/part-NNNNN.parquet`` (one row per user, sorted by ``user_index``).
+
+Item index: items are numbered 1..N in the natural order of their original ids (numbers
+numerically, strings lexicographically); 0 is padding. Users are numbered 0..U-1 the same way.
+Everything is written to a temporary sibling folder renamed into place at the end, so a
+failed run never leaves an output that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import raysrec
+from raysrec.config import Config, check
+from raysrec.data import transforms
+from raysrec.data.sources import (DropReason, ResolvedSource, SourceConfig, plan_splits, read_item_metadata,
+                                  read_split, resolve_source)
+from raysrec.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SEQUENCES_DIR = "sequences"
+ITEMS_FILE = "items.parquet"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "prepare_config.yaml"
+
+
+@dataclasses.dataclass
+class PrepareConfig(Config):
+    """Configuration of ``raysrec prepare``; saved as ``prepare_config.yaml`` in the output."""
+
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
+    output: str = ""
+    min_rating: Optional[float] = None
+    item_k_core: int = 0
+    user_k_core: int = 0
+    min_sequence_length: int = 3
+    max_sequence_length: Optional[int] = None
+    num_shards: int = 8
+    split_bytes: int = 32 << 20
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        check(bool(self.output), "prepare.output: an output folder is required")
+        check(self.min_sequence_length >= 3,
+              "prepare.min_sequence_length must be >= 3 (leave-one-out needs a train item, a valid and a test target)")
+        check(self.max_sequence_length is None or self.max_sequence_length >= self.min_sequence_length,
+              "prepare.max_sequence_length must be >= min_sequence_length")
+        check(self.item_k_core >= 0 and self.user_k_core >= 0, "prepare k-core values must be >= 0")
+        check(1 <= self.num_shards <= 4096, "prepare.num_shards must be in [1, 4096]")
+        check(self.split_bytes >= 1024, "prepare.split_bytes must be >= 1024")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-task functions (run inside Ray Data tasks; pure apart from their own shard files)
+# ----------------------------------------------------------------------------------------------
+
+def _parse_splits(batch: pa.Table, source: ResolvedSource, min_rating: Optional[float], num_shards: int) -> pa.Table:
+    from raysrec.data.sources import Split  # noqa: PLC0415 (keeps the task's closure small)
+
+    tables = []
+    for row in batch.to_pylist():
+        table = read_split(source, Split(**row))
+        table = transforms.mark_low_ratings(table, min_rating)
+        shard = transforms.shard_of(table.column("user").fill_null(0 if source.id_kind == "int" else ""), num_shards)
+        tables.append(table.append_column("shard", pa.array(shard)))
+    return pa.concat_tables(tables)
+
+
+def _group_shard(events: pd.DataFrame, stage_dir: str) -> pd.DataFrame:
+    shard = int(events["shard"].iloc[0])
+    sequences, counts = transforms.group_user_sequences(events)
+    pq.write_table(sequences, f"{stage_dir}/shard-{shard:05d}.parquet")
+    return pd.DataFrame({"shard": [shard], "counts": [json.dumps(counts)]})
+
+
+def _filter_shard(batch: dict[str, np.ndarray], stage_dir: str, allowed: Optional[pa.Array], user_k: int,
+                  min_length: int) -> dict[str, Any]:
+    shard = int(batch["shard"][0])
+    table = pq.read_table(f"{stage_dir}/shard-{shard:05d}.parquet")
+    table, _ = transforms.filter_sequences(table, allowed, user_k, min_length)
+    counts = transforms.item_counts(table)
+    return {"shard": [shard], "item_ids": [counts.index.to_numpy()], "item_counts": [counts.to_numpy()],
+            "users": [table.column("user").to_numpy(zero_copy_only=False)]}
+
+
+def _finalize_shard(batch: dict[str, np.ndarray], stage_dir: str, out_dir: str, allowed: Optional[pa.Array],
+                    user_k: int, min_length: int, item_vocab: pd.Index, user_vocab: pd.Index,
+                    max_length: Optional[int], users_as_int: bool) -> dict[str, Any]:
+    shard = int(batch["shard"][0])
+    table = pq.read_table(f"{stage_dir}/shard-{shard:05d}.parquet")
+    table, counts = transforms.filter_sequences(table, allowed, user_k, min_length)
+    final, truncated = transforms.finalize_sequences(table, item_vocab, user_vocab, max_length)
+    counts.update(truncated)
+    if users_as_int:
+        final = final.set_column(1, "user_id", final.column("user_id").cast(pa.int64()))
+    name = f"part-{shard:05d}.parquet"
+    if final.num_rows:
+        pq.write_table(final, f"{out_dir}/{SEQUENCES_DIR}/{name}")
+    flat = np.concatenate(final.column("sequence").to_numpy(zero_copy_only=False)) if final.num_rows else np.zeros(0, np.int32)
+    item_count = np.bincount(flat, minlength=len(item_vocab) + 1)
+    lengths = np.diff(final.column("sequence").combine_chunks().offsets.to_numpy()) if final.num_rows else np.zeros(0)
+    return {"shard": [shard], "file": [name if final.num_rows else ""], "counts": [json.dumps(counts)],
+            "item_count": [item_count], "lengths": [lengths.astype(np.int64)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _ids_array(values: np.ndarray, id_kind: str) -> pa.Array:
+    return pa.array(values, pa.int64() if id_kind == "int" else pa.string())
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the whole preparation on the current Ray cluster; returns the manifest."""
+    import ray  # noqa: PLC0415
+
+    started = time.time()
+    source = resolve_source(cfg.source)
+    out = Path(cfg.output).resolve()
+    if out.exists() and not cfg.overwrite:
+        raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stage_dir = tmp / "_stage"
+    (tmp / SEQUENCES_DIR).mkdir(parents=True)
+    stage_dir.mkdir()
+    try:
+        manifest = _run(cfg, source, tmp, stage_dir, ray)
+        shutil.rmtree(stage_dir)
+        manifest["seconds"] = round(time.time() - started, 3)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(trash)
+            shutil.rmtree(trash)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Find a user-facing error inside Ray's task-error wrappers."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, InputError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    return exc
+
+
+def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path, ray) -> dict[str, Any]:
+    splits = plan_splits(source, cfg.split_bytes)
+    if not splits:
+        raise InputError("no data to read", path=cfg.source.path)
+    # 1 + 2: read, parse and group by user shard.
+    ds = ray.data.from_items([dataclasses.asdict(s) for s in splits], override_num_blocks=len(splits))
+    events = ds.map_batches(_parse_splits, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"source": source, "min_rating": cfg.min_rating, "num_shards": cfg.num_shards})
+    grouped = events.groupby("shard", num_partitions=min(cfg.num_shards, max(2, len(splits)))).map_groups(
+        _group_shard, batch_format="pandas", fn_kwargs={"stage_dir": str(stage_dir)})
+    try:
+        group_stats = grouped.take_all()
+    except Exception as exc:  # Ray wraps task errors; surface the user-facing one
+        err = _unwrap(exc)
+        if err is not exc:
+            raise err from None
+        raise
+    counts: Counter = Counter()
+    for row in group_stats:
+        counts.update(json.loads(row["counts"]))
+    rows_read = sum(counts.values())
+    shards = sorted(int(r["shard"]) for r in group_stats)
+    if counts["kept"] == 0:
+        raise InputError(f"no interaction left after reading and cleaning ({dict(+counts)}); "
+                         "check the separator, the rating filter and the id columns", path=cfg.source.path)
+    shard_ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+
+    # 3: k-core / minimum length, iterated to a fixed point on the item set.
+    user_k = cfg.user_k_core
+    min_length = cfg.min_sequence_length
+    allowed: Optional[pa.Array] = None
+    for _ in range(100):
+        rows = shard_ds.map_batches(_filter_shard, batch_size=1, fn_kwargs={
+            "stage_dir": str(stage_dir), "allowed": allowed, "user_k": user_k, "min_length": min_length}).take_all()
+        per_shard = [pd.Series(r["item_counts"], index=r["item_ids"]) for r in rows if len(r["item_ids"])]
+        if not per_shard:
+            break
+        totals = pd.concat(per_shard).groupby(level=0).sum()
+        keep = totals[totals >= max(cfg.item_k_core, 1)].index.to_numpy()
+        if len(keep) == len(totals) or cfg.item_k_core <= 1:
+            break
+        allowed = _ids_array(keep, source.id_kind)
+    users = np.concatenate([r["users"] for r in rows])
+    if len(users) == 0:
+        kept_before = counts["kept"]
+        raise InputError(f"no user left after filtering: {kept_before} events survived cleaning, but no user has "
+                         f"at least {max(min_length, user_k)} interactions (min_sequence_length/user_k_core) "
+                         "with items passing item_k_core", path=cfg.source.path)
+    item_vocab, _ = _vocabulary(totals.index.to_numpy(), source.id_auto)
+    user_vocab, users_as_int = _vocabulary(users, source.id_auto)
+
+    # 4: dense indices, truncation, final shards.
+    rows = shard_ds.map_batches(_finalize_shard, batch_size=1, fn_kwargs={
+        "stage_dir": str(stage_dir), "out_dir": str(tmp), "allowed": allowed, "user_k": user_k,
+        "min_length": min_length, "item_vocab": item_vocab, "user_vocab": user_vocab,
+        "max_length": cfg.max_sequence_length, "users_as_int": users_as_int}).take_all()
+    final_counts: Counter = Counter()
+    for row in rows:
+        final_counts.update(json.loads(row["counts"]))
+    item_count = np.sum([r["item_count"] for r in rows], axis=0)
+    lengths = np.concatenate([r["lengths"] for r in rows])
+    dropped = Counter({k: v for k, v in counts.items() if k != "kept"})
+    dropped.update(final_counts)
+    rows_kept = int(lengths.sum())
+    if rows_read != rows_kept + sum(dropped.values()):
+        raise AssertionError(f"row accounting broken: read {rows_read}, kept {rows_kept}, dropped {dict(dropped)}")
+
+    _write_items(tmp, source, cfg.source, item_vocab, item_count)
+    cfg.save(tmp / CONFIG_FILE)
+    shard_files = sorted((r["file"], int(len(r["lengths"])), int(np.sum(r["lengths"]))) for r in rows if r["file"])
+    return {
+        "raysrec_version": raysrec.__version__,
+        "config": cfg.to_dict(),
+        "source_format": source.format,
+        "inputs": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "sha256": _sha256(p)}
+                   for p in source.files + ([source.items_path] if source.items_path else [])],
+        "has_timestamps": source.has_timestamp,
+        "has_ratings": source.has_rating,
+        "rows_read": rows_read,
+        "rows_kept": rows_kept,
+        "rows_dropped": {r.label: int(dropped.get(r.label, 0)) for r in DropReason if r != DropReason.KEPT},
+        "num_users": int(len(user_vocab)),
+        "num_items": int(len(item_vocab)),
+        "sequence_length": {
+            "min": int(lengths.min()), "max": int(lengths.max()), "mean": round(float(lengths.mean()), 3),
+            "median": float(np.median(lengths)), "p90": float(np.percentile(lengths, 90)),
+        },
+        "splits": {
+            "protocol": "leave-one-out by time: train = all but the last two, valid = item n-1, test = item n",
+            "train_users": int(len(lengths)),
+            "train_targets": int(np.sum(lengths - 3)),
+            "valid_users": int(len(lengths)),
+            "test_users": int(len(lengths)),
+        },
+        "shards": [{"file": f"{SEQUENCES_DIR}/{f}", "users": u, "events": e} for f, u, e in shard_files],
+    }
+
+
+def _vocabulary(ids: np.ndarray, id_auto: bool) -> tuple[pd.Index, bool]:
+    """Ids in natural order; ids read as strings sort numerically when all are integers."""
+    if id_auto:
+        as_int = transforms.ids_as_ints_if_possible(np.asarray(ids, dtype=object))
+        if as_int.dtype.kind in "iu":
+            return pd.Index(np.asarray(ids, dtype=object)[np.argsort(as_int, kind="stable")]), True
+    return pd.Index(transforms.sorted_vocabulary(ids)), False
+
+
+def _write_items(out: Path, source: ResolvedSource, source_cfg: SourceConfig, item_vocab: pd.Index,
+                 item_count: np.ndarray) -> None:
+    ids = item_vocab.to_numpy()
+    if source.id_auto:
+        ids = transforms.ids_as_ints_if_possible(ids)
+    items = pd.DataFrame({"item_index": np.arange(1, len(ids) + 1, dtype=np.int32), "item_id": ids,
+                          "count": item_count[1:].astype(np.int64)})
+    meta = read_item_metadata(source, source_cfg)
+    if meta is not None:
+        meta = meta.set_index("item_id")
+        key = pd.Index([str(i) for i in item_vocab.to_numpy()])
+        items["title"] = meta["title"].reindex(key).to_numpy() if "title" in meta else None
+        items["categories"] = meta["categories"].reindex(key).to_numpy() if "categories" in meta else None
+    else:
+        items["title"] = None
+        items["categories"] = None
+    table = pa.Table.from_pandas(items, preserve_index=False)
+    table = table.cast(pa.schema([
+        ("item_index", pa.int32()), ("item_id", pa.int64() if ids.dtype.kind in "iu" else pa.string()),
+        ("count", pa.int64()), ("title", pa.string()), ("categories", pa.string())]))
+    pq.write_table(table, out / ITEMS_FILE)

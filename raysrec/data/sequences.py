@@ -1,0 +1,244 @@
+"""Reading a prepared folder and turning per-user sequences into padded training batches.
+
+Sequences are held as CSR arrays (``offsets`` + flat ``items``/``times``): a million users cost a
+few flat arrays, not a million Python lists. Batches are left-padded (index 0), so position -1
+is always the most recent item, as in SASRec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE
+from raysrec.errors import InputError
+
+Split = Literal["train", "valid", "test"]
+
+
+@dataclasses.dataclass
+class SequenceSet:
+    """Per-user item sequences in CSR form; ``items[offsets[u]:offsets[u+1]]`` is user ``u``'s."""
+
+    user_index: np.ndarray   # (U,) int32
+    offsets: np.ndarray      # (U+1,) int64
+    items: np.ndarray        # (E,) int32, 1..num_items
+    times: np.ndarray        # (E,) float64
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.user_index)
+
+    def sequence(self, u: int) -> np.ndarray:
+        return self.items[self.offsets[u]:self.offsets[u + 1]]
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "SequenceSet":
+        seq = table.column("sequence").combine_chunks()
+        times = table.column("timestamps").combine_chunks()
+        offsets = seq.offsets.to_numpy().astype(np.int64)
+        base = offsets[0]
+        return cls(table.column("user_index").to_numpy().astype(np.int32), offsets - base,
+                   seq.values.to_numpy()[base:offsets[-1]].astype(np.int32),
+                   times.values.to_numpy()[base:offsets[-1]].astype(np.float64))
+
+    @classmethod
+    def from_lists(cls, sequences: list[list[int]], times: Optional[list[list[float]]] = None) -> "SequenceSet":
+        lengths = np.array([len(s) for s in sequences], np.int64)
+        flat_times = (np.concatenate([np.asarray(t, np.float64) for t in times]) if times
+                      else np.concatenate([np.arange(n, dtype=np.float64) for n in lengths]))
+        return cls(np.arange(len(sequences), dtype=np.int32), np.concatenate([[0], np.cumsum(lengths)]),
+                   np.concatenate([np.asarray(s, np.int32) for s in sequences]), flat_times)
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """A folder written by ``raysrec prepare``: manifest, items table and sequence shards."""
+
+    root: Path
+    manifest: dict
+    items: pd.DataFrame
+
+    @classmethod
+    def load(cls, root: str | Path) -> "PreparedData":
+        root = Path(root)
+        manifest_path = root / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise InputError("not a prepared data folder (no manifest.json): run `raysrec prepare` first", path=str(root))
+        manifest = json.loads(manifest_path.read_text())
+        items = pq.read_table(root / ITEMS_FILE).to_pandas()
+        return cls(root, manifest, items)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def has_timestamps(self) -> bool:
+        return bool(self.manifest.get("has_timestamps", False))
+
+    def shard_files(self) -> list[Path]:
+        return [self.root / s["file"] for s in self.manifest["shards"]]
+
+    def read(self, files: Optional[list[Path]] = None) -> SequenceSet:
+        files = self.shard_files() if files is None else files
+        table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+        if table is None:
+            return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0))
+        return SequenceSet.from_table(table.sort_by("user_index"))
+
+    def item_popularity(self) -> np.ndarray:
+        """Interaction count per item index (index 0, padding, gets 0)."""
+        counts = np.zeros(self.num_items + 1, np.int64)
+        counts[self.items["item_index"].to_numpy()] = self.items["count"].to_numpy()
+        return counts
+
+
+@dataclasses.dataclass
+class Examples:
+    """Padded next-item examples: ``input_ids[b, t]`` is followed by ``target_ids[b, t]``.
+
+    For training every position has a target; for evaluation only the last one does (earlier
+    targets are 0). ``history_*`` hold each row's full history (CSR) for masking seen items.
+    """
+
+    input_ids: np.ndarray      # (N, L) int64, 0 = padding (left)
+    target_ids: np.ndarray     # (N, L) int64, 0 = no target
+    input_times: np.ndarray    # (N, L) float64
+    target_times: np.ndarray   # (N, L) float64
+    user_index: np.ndarray     # (N,) int32
+    history_offsets: Optional[np.ndarray] = None
+    history_items: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _left_pad(rows: list[np.ndarray], length: int, dtype) -> np.ndarray:
+    out = np.zeros((len(rows), length), dtype)
+    for r, values in enumerate(rows):
+        if len(values):
+            out[r, length - len(values):] = values
+    return out
+
+
+def training_examples(seqs: SequenceSet, max_length: int, windows: Literal["last", "all"] = "all") -> Examples:
+    """Training rows from ``seq[:-2]`` (the leave-one-out train part).
+
+    ``windows='last'`` keeps the newest ``max_length`` positions per user (the SASRec paper);
+    ``'all'`` also cuts older history into further non-overlapping windows so every training
+    target is used once per epoch.
+    """
+    inputs, targets, in_t, tg_t, users = [], [], [], [], []
+    for u in range(len(seqs)):
+        lo, hi = seqs.offsets[u], seqs.offsets[u + 1] - 2  # train part = [lo, hi)
+        n_targets = hi - lo - 1
+        end = hi
+        while n_targets > 0:
+            take = min(max_length, n_targets)
+            inputs.append(seqs.items[end - take - 1:end - 1])
+            targets.append(seqs.items[end - take:end])
+            in_t.append(seqs.times[end - take - 1:end - 1])
+            tg_t.append(seqs.times[end - take:end])
+            users.append(seqs.user_index[u])
+            end -= take
+            n_targets -= take
+            if windows == "last":
+                break
+    return Examples(_left_pad(inputs, max_length, np.int64), _left_pad(targets, max_length, np.int64),
+                    _left_pad(in_t, max_length, np.float64), _left_pad(tg_t, max_length, np.float64),
+                    np.asarray(users, np.int32))
+
+
+def evaluation_examples(seqs: SequenceSet, max_length: int, split: Split) -> Examples:
+    """One row per user: the history before the held-out item, the item as the last target.
+
+    ``valid``: history ``seq[:-2]``, target ``seq[-2]``; ``test``: history ``seq[:-1]`` (the
+    valid item included, as in SASRec), target ``seq[-1]``.
+    """
+    cut = {"valid": 2, "test": 1}[split]
+    n = len(seqs)
+    input_ids = np.zeros((n, max_length), np.int64)
+    input_times = np.zeros((n, max_length), np.float64)
+    target_ids = np.zeros((n, max_length), np.int64)
+    target_times = np.zeros((n, max_length), np.float64)
+    hist_lengths = seqs.lengths - cut
+    for u in range(n):
+        lo, target = seqs.offsets[u], seqs.offsets[u + 1] - cut
+        start = max(lo, target - max_length)
+        k = target - start
+        input_ids[u, max_length - k:] = seqs.items[start:target]
+        input_times[u, max_length - k:] = seqs.times[start:target]
+        target_ids[u, -1] = seqs.items[target]
+        target_times[u, -1] = seqs.times[target]
+    keep = np.ones(len(seqs.items), bool)
+    ends = seqs.offsets[1:]
+    for c in range(1, cut + 1):
+        keep[ends - c] = False
+    return Examples(input_ids, target_ids, input_times, target_times, seqs.user_index.copy(),
+                    np.concatenate([[0], np.cumsum(hist_lengths)]), seqs.items[keep])
+
+
+def sample_negatives(target_ids: torch.Tensor, num_items: int, num_negatives: int,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Uniform negatives in 1..num_items, shape (*target.shape, num_negatives), never equal to the target."""
+    shape = (*target_ids.shape, num_negatives)
+    neg = torch.randint(1, num_items + 1, shape, generator=generator, device=target_ids.device)
+    clash = neg == target_ids.unsqueeze(-1)
+    if clash.any():  # shift clashes to the next item (stays uniform over the other items)
+        neg = torch.where(clash, neg % num_items + 1, neg)
+    return neg
+
+
+def iterate_batches(examples: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                    rank: int = 0, world_size: int = 1, num_steps: Optional[int] = None,
+                    num_items: int = 0, num_negatives: int = 0, device: str | torch.device = "cpu",
+                    with_history: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches for worker ``rank`` of ``world_size``.
+
+    Rows are shuffled with (seed, epoch) and dealt round-robin to workers. ``num_steps`` makes
+    every worker take the same number of steps (DDP needs that): short shards wrap around.
+    """
+    n = len(examples)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    mine = order[rank::world_size]
+    steps = num_steps if num_steps is not None else -(-len(mine) // batch_size)
+    if len(mine) == 0:
+        return
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch * 101 + rank)
+    for step in range(steps):
+        idx = mine[np.arange(step * batch_size, (step + 1) * batch_size) % len(mine)] if num_steps is not None \
+            else mine[step * batch_size:(step + 1) * batch_size]
+        batch = {
+            "input_ids": torch.from_numpy(examples.input_ids[idx]),
+            "target_ids": torch.from_numpy(examples.target_ids[idx]),
+            "input_times": torch.from_numpy(examples.input_times[idx]),
+            "target_times": torch.from_numpy(examples.target_times[idx]),
+        }
+        batch["padding_mask"] = batch["input_ids"] != 0
+        if num_negatives:
+            batch["negative_ids"] = sample_negatives(batch["target_ids"], num_items, num_negatives, generator)
+        if with_history:
+            batch["history"] = history_matrix(examples, idx)
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def history_matrix(examples: Examples, idx: np.ndarray) -> torch.Tensor:
+    """(B, H) right-padded matrix of each row's full history, for masking already-seen items."""
+    offsets, items = examples.history_offsets, examples.history_items
+    lengths = offsets[idx + 1] - offsets[idx]
+    out = np.zeros((len(idx), max(1, int(lengths.max()) if len(idx) else 1)), np.int64)
+    for r, u in enumerate(idx):
+        out[r, :lengths[r]] = items[offsets[u]:offsets[u + 1]]
+    return torch.from_numpy(out)

@@ -1,0 +1,671 @@
+"""Readers for interaction logs: format detection, splitting into byte ranges, and parsing.
+
+Every reader produces Arrow tables with one schema (:data:`EVENT_SCHEMA`): ``user``, ``item``,
+``timestamp`` (float seconds, or the line order when the source has none), ``rating`` (null when
+the source has none), ``ord`` (a global, strictly increasing position of the row in the input,
+used to keep ties in input order) and ``drop_code`` (0 = kept so far; otherwise a
+:class:`DropReason`). Files are read in byte ranges ("splits") that start on line boundaries, so
+no process ever holds a whole large file. Parsing uses pyarrow's CSV reader; a range that fails
+to parse is re-read line by line to name the first bad line, field and what was expected.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import io
+import os
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from raysrec.config import Config, check
+from raysrec.errors import InputError
+
+SourceFormat = Literal["auto", "ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet"]
+FORMATS = ("ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet")
+
+# ord = file_index * 2**44 + byte offset of the split + row number inside the split. A row takes
+# at least one byte, so ords are unique and follow file order, then line order.
+_ORD_FILE_STRIDE = 1 << 44
+
+
+class DropReason(enum.IntEnum):
+    """Why a row read from the input is not in the output. Names appear in ``manifest.json``."""
+
+    KEPT = 0
+    MALFORMED_ROW = 1
+    BLANK_LINE = 2
+    RATING_BELOW_MIN = 3
+    DUPLICATE = 4
+    ITEM_BELOW_K_CORE = 5
+    USER_BELOW_K_CORE = 6
+    USER_TOO_SHORT = 7
+    TRUNCATED = 8
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def event_schema(id_type: pa.DataType) -> pa.Schema:
+    return pa.schema([
+        ("user", id_type), ("item", id_type), ("timestamp", pa.float64()),
+        ("rating", pa.float64()), ("ord", pa.int64()), ("drop_code", pa.int8()),
+    ])
+
+
+@dataclasses.dataclass
+class SourceConfig(Config):
+    """Where the interaction log is and how to read it.
+
+    ``format='auto'`` recognises a MovieLens-1M folder (``ratings.dat``), a MovieLens-100K
+    folder (``u.data``), a RecBole atomic folder or file (``*.inter``), ``.csv``/``.tsv`` and
+    ``.parquet``; SASRec-paper ``.txt`` files must be named with ``format='sasrec'``.
+    """
+
+    path: str = ""
+    format: SourceFormat = "auto"
+    items_path: Optional[str] = None
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: Optional[str] = "timestamp"
+    rating_col: Optional[str] = None
+    title_col: str = "title"
+    categories_col: str = "categories"
+    sep: Optional[str] = None
+    encoding: str = "utf-8"
+    id_type: Literal["auto", "int", "str"] = "auto"
+    on_bad_row: Literal["error", "skip"] = "error"
+
+    def validate(self) -> None:
+        check(bool(self.path), "source.path: a file or folder of interactions is required")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One unit of reading: a byte range of a text file or a row group of a Parquet file."""
+
+    file_index: int
+    path: str
+    start: int
+    end: int
+    row_group: int = -1
+    row_offset: int = 0
+
+
+@dataclasses.dataclass
+class ResolvedSource:
+    """A source after format detection: concrete files, layout and column roles."""
+
+    format: str
+    files: list[str]
+    fields: list[str]                 # every column of the file, in order
+    roles: dict[str, str]             # role ('user','item','timestamp','rating') -> column name
+    delimiter: str                    # '::' and whitespace are normalised before parsing
+    has_header: bool
+    encoding: str
+    id_kind: Literal["int", "str"]
+    items_path: Optional[str]
+    on_bad_row: str
+    quoted: bool = False
+    id_auto: bool = False             # ids read as strings, made ints at the end if all are
+
+    @property
+    def has_timestamp(self) -> bool:
+        return "timestamp" in self.roles
+
+    @property
+    def has_rating(self) -> bool:
+        return "rating" in self.roles
+
+    @property
+    def arrow_id_type(self) -> pa.DataType:
+        return pa.int64() if self.id_kind == "int" else pa.string()
+
+    def describe_sep(self) -> str:
+        return {"\t": "a tab", " ": "whitespace", ",": "a comma"}.get(self.delimiter, repr(self.delimiter))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolution (driver side, cheap: looks at names and at most one header line)
+# ----------------------------------------------------------------------------------------------
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise InputError(f"{what} not found", path=str(path))
+    if not path.is_file():
+        raise InputError(f"{what}: expected a file, found a folder", path=str(path))
+
+
+def _read_header(path: Path, encoding: str) -> str:
+    with open(path, "rb") as handle:
+        raw = handle.readline(1 << 20)
+    if not raw.strip():
+        raise InputError("the file is empty; expected a header line naming the columns", path=str(path), line=1)
+    try:
+        return raw.decode(encoding).rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise InputError(f"the header is not valid {encoding} text (set source.encoding)", path=str(path), line=1) from None
+
+
+def detect_format(path: Path) -> str:
+    """Guess the source format from file names; raises when nothing matches."""
+    if path.is_dir():
+        if (path / "ratings.dat").is_file():
+            return "ml-1m"
+        if (path / "u.data").is_file():
+            return "ml-100k"
+        if any(path.glob("*.inter")):
+            return "recbole"
+        if any(path.glob("*.parquet")):
+            return "parquet"
+        raise InputError(
+            "unknown source type: expected a folder with ratings.dat (MovieLens-1M), u.data "
+            "(MovieLens-100K), *.inter (RecBole) or *.parquet, or pass --format", path=str(path))
+    suffix = path.suffix.lower()
+    if path.name == "ratings.dat":
+        return "ml-1m"
+    if path.name == "u.data":
+        return "ml-100k"
+    known = {".inter": "recbole", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+    if suffix in known:
+        return known[suffix]
+    raise InputError(
+        f"unknown source type for a '{suffix or path.name}' file: pass --format one of {list(FORMATS)}",
+        path=str(path))
+
+
+def resolve_source(cfg: SourceConfig) -> ResolvedSource:
+    """Turn a :class:`SourceConfig` into concrete files and column roles, validating both."""
+    path = Path(cfg.path)
+    if not path.exists():
+        raise InputError("input not found: expected an interaction file or a folder holding one", path=str(path))
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    if path.is_dir() and fmt in ("csv", "parquet"):
+        # The folder layout `raysrec synth` writes: interactions.<ext> and items.<ext>.
+        ext = "csv" if fmt == "csv" else "parquet"
+        if (path / f"interactions.{ext}").is_file():
+            if cfg.items_path is None and (path / f"items.{ext}").is_file():
+                cfg = dataclasses.replace(cfg, items_path=str(path / f"items.{ext}"))
+            path = path / f"interactions.{ext}"
+    if fmt not in FORMATS:
+        raise InputError(f"unknown source type '{fmt}': expected one of {list(FORMATS)}", path=str(path))
+    items_path = cfg.items_path
+
+    if fmt == "ml-1m":
+        ratings = path / "ratings.dat" if path.is_dir() else path
+        _require_file(ratings, "MovieLens-1M ratings.dat")
+        if items_path is None and (ratings.parent / "movies.dat").is_file():
+            items_path = str(ratings.parent / "movies.dat")
+        return ResolvedSource(fmt, [str(ratings)], ["user", "item", "rating", "timestamp"],
+                              {"user": "user", "item": "item", "rating": "rating", "timestamp": "timestamp"},
+                              "::", False, "latin-1", "int", items_path, cfg.on_bad_row)
+    if fmt == "ml-100k":
+        data = path / "u.data" if path.is_dir() else path
+        _require_file(data, "MovieLens-100K u.data")
+        if items_path is None and (data.parent / "u.item").is_file():
+            items_path = str(data.parent / "u.item")
+        return ResolvedSource(fmt, [str(data)], ["user", "item", "rating", "timestamp"],
+                              {"user": "user", "item": "item", "rating": "rating", "timestamp": "timestamp"},
+                              "\t", False, "latin-1", "int", items_path, cfg.on_bad_row)
+    if fmt == "sasrec":
+        files = sorted(str(p) for p in path.glob("*.txt")) if path.is_dir() else [str(path)]
+        if not files:
+            raise InputError("no *.txt file in the folder (SASRec format expects 'user item' lines)", path=str(path))
+        for f in files:
+            _require_file(Path(f), "SASRec interaction file")
+        return ResolvedSource(fmt, files, ["user", "item"], {"user": "user", "item": "item"},
+                              " ", False, cfg.encoding, "int", items_path, cfg.on_bad_row)
+    if fmt == "recbole":
+        if path.is_dir():
+            inters = sorted(path.glob("*.inter"))
+            if len(inters) != 1:
+                raise InputError(f"expected exactly one *.inter file, found {len(inters)}", path=str(path))
+            inter = inters[0]
+        else:
+            inter = path
+        _require_file(inter, "RecBole .inter file")
+        if items_path is None and inter.with_suffix(".item").is_file():
+            items_path = str(inter.with_suffix(".item"))
+        header = _read_header(inter, cfg.encoding)
+        if "\t" not in header:
+            raise InputError(
+                f"expected tab-separated 'name:type' column headers, got {header[:80]!r}",
+                path=str(inter), line=1)
+        fields = [h.split(":", 1)[0].strip() for h in header.split("\t")]
+        roles = _assign_roles(fields, cfg, inter, default_rating="rating")
+        return ResolvedSource(fmt, [str(inter)], fields, roles, "\t", True, cfg.encoding,
+                              "int" if cfg.id_type == "int" else "str", items_path, cfg.on_bad_row,
+                              id_auto=cfg.id_type == "auto")
+    if fmt == "csv":
+        files = sorted(str(p) for p in path.glob("*.csv")) if path.is_dir() else [str(path)]
+        if not files:
+            raise InputError("no *.csv file in the folder", path=str(path))
+        sep = cfg.sep or ("\t" if files[0].endswith(".tsv") else ",")
+        header = _read_header(Path(files[0]), cfg.encoding)
+        fields = next(csv.reader([header], delimiter=sep)) if len(sep) == 1 else header.split(sep)
+        fields = [f.strip() for f in fields]
+        for other in files[1:]:
+            if _read_header(Path(other), cfg.encoding) != header:
+                raise InputError(f"header differs from the first file's {header!r}", path=other, line=1)
+        roles = _assign_roles(fields, cfg, Path(files[0]), default_rating=None, sep=sep)
+        return ResolvedSource(fmt, files, fields, roles, sep, True, cfg.encoding,
+                              "int" if cfg.id_type == "int" else "str", items_path, cfg.on_bad_row,
+                              quoted=True, id_auto=cfg.id_type == "auto")
+    # parquet
+    files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
+    if not files:
+        raise InputError("no *.parquet file in the folder", path=str(path))
+    try:
+        schema = pq.read_schema(files[0])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"not a readable Parquet file ({exc})", path=files[0]) from None
+    fields = list(schema.names)
+    roles = _assign_roles(fields, cfg, Path(files[0]), default_rating=None)
+    user_type = schema.field(roles["user"]).type
+    id_kind = "int" if pa.types.is_integer(user_type) and cfg.id_type != "str" else "str"
+    return ResolvedSource(fmt, files, fields, roles, "", False, cfg.encoding, id_kind, items_path,
+                          cfg.on_bad_row)
+
+
+def _assign_roles(fields: list[str], cfg: SourceConfig, path: Path, default_rating: Optional[str],
+                  sep: Optional[str] = None) -> dict[str, str]:
+    roles: dict[str, str] = {}
+    wanted = {"user": cfg.user_col, "item": cfg.item_col, "timestamp": cfg.time_col,
+              "rating": cfg.rating_col or (default_rating if default_rating in fields else None)}
+    for role, name in wanted.items():
+        if name is None:
+            continue
+        if name not in fields:
+            hint = ""
+            if len(fields) == 1 and sep is not None:
+                hint = f" (the header has a single column: is the separator {sep!r} right?)"
+            raise InputError(f"column '{name}' (the {role} column) not found; the columns are {fields}{hint}",
+                             path=str(path), line=1 if sep is not None or path.suffix == ".inter" else None)
+        roles[role] = name
+    return roles
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting
+# ----------------------------------------------------------------------------------------------
+
+def plan_splits(source: ResolvedSource, target_bytes: int = 32 << 20) -> list[Split]:
+    """Cut every input file into ~``target_bytes`` ranges (text) or row groups (Parquet)."""
+    splits: list[Split] = []
+    for index, path in enumerate(source.files):
+        if source.format == "parquet":
+            meta = pq.ParquetFile(path).metadata
+            offset = 0
+            for rg in range(meta.num_row_groups):
+                rows = meta.row_group(rg).num_rows
+                splits.append(Split(index, path, 0, 0, rg, offset))
+                offset += rows
+            continue
+        size = os.path.getsize(path)
+        if size == 0:
+            raise InputError("the file is empty; expected interaction lines", path=path)
+        for start in range(0, size, target_bytes):
+            splits.append(Split(index, path, start, min(start + target_bytes, size)))
+    return splits
+
+
+def _read_range(path: str, start: int, end: int) -> tuple[bytes, int]:
+    """Bytes of the lines whose first byte lies in [start, end), and the offset of the first."""
+    with open(path, "rb") as handle:
+        if start > 0:
+            handle.seek(start - 1)
+            if handle.read(1) != b"\n":
+                handle.readline()  # the line in progress belongs to the previous split
+        first = handle.tell()
+        if first >= end:
+            return b"", first
+        data = handle.read(end - first)
+        if not data.endswith(b"\n"):
+            data += handle.readline()
+    return data, first
+
+
+def line_number(path: str, offset: int) -> int:
+    """1-based number of the line starting at byte ``offset`` (only computed to report errors)."""
+    count, done = 1, 0
+    with open(path, "rb") as handle:
+        while done < offset:
+            chunk = handle.read(min(16 << 20, offset - done))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            done += len(chunk)
+    return count
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------
+
+_WS = re.compile(rb"[ \t]+")
+_EDGE_WS = re.compile(rb"(?m)^ | (?=\r?$)")
+
+
+def _normalise(source: ResolvedSource, data: bytes) -> tuple[bytes, str]:
+    """Rewrite multi-character separators to one the CSV parser accepts."""
+    if source.delimiter == "::":
+        return data.replace(b"::", b"\x1f"), "\x1f"
+    if source.format == "sasrec":
+        data = _WS.sub(b" ", data)
+        return _EDGE_WS.sub(b"", data), " "
+    return data, source.delimiter
+
+
+def _line_starts(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Start offsets of all lines in ``data`` and a mask of the blank ones."""
+    if not data:
+        return np.zeros(0, np.int64), np.zeros(0, bool)
+    arr = np.frombuffer(data, np.uint8)
+    newlines = np.flatnonzero(arr == 10)
+    starts = np.concatenate([[0], newlines + 1])
+    ends = np.concatenate([newlines, [len(data)]])
+    if data.endswith(b"\n"):
+        starts, ends = starts[:-1], ends[:-1]
+    lengths = ends - starts
+    blank = lengths == 0
+    cr_only = (lengths == 1)
+    if cr_only.any():
+        blank |= cr_only & (arr[np.minimum(starts, len(arr) - 1)] == 13)
+    return starts.astype(np.int64), blank
+
+
+def read_split(source: ResolvedSource, split: Split) -> pa.Table:
+    """Parse one split into the event schema; bad rows raise or are marked MALFORMED_ROW."""
+    if source.format == "parquet":
+        return _read_parquet_split(source, split)
+    data, first = _read_range(split.path, split.start, split.end)
+    skip_header = source.has_header and split.start == 0
+    if skip_header:
+        cut = data.find(b"\n")
+        data = b"" if cut < 0 else data[cut + 1:]
+        first += 0 if cut < 0 else cut + 1
+    base_ord = split.file_index * _ORD_FILE_STRIDE + first
+    starts, blank = _line_starts(data)
+    table = _fast_parse(source, data, int((~blank).sum()))
+    if table is None:
+        return _slow_parse(source, split, data, first, base_ord)
+    n = table.num_rows
+    ords = base_ord + np.arange(n, dtype=np.int64)
+    table = _finish(source, table, ords)
+    n_blank = int(blank.sum())
+    if n_blank:
+        table = pa.concat_tables([table, _marked_rows(source, base_ord + n + np.arange(n_blank), DropReason.BLANK_LINE)])
+    return table
+
+
+def _fast_parse(source: ResolvedSource, data: bytes, expected_rows: int) -> Optional[pa.Table]:
+    """pyarrow's CSV reader; ``None`` when the range needs the line-by-line path to explain itself."""
+    if expected_rows == 0:
+        return _empty_roles(source)
+    data, delimiter = _normalise(source, data)
+    id_type = source.arrow_id_type
+    types = {source.roles["user"]: id_type, source.roles["item"]: id_type}
+    if source.has_timestamp:
+        types[source.roles["timestamp"]] = pa.float64()
+    if source.has_rating:
+        types[source.roles["rating"]] = pa.float64()
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=source.fields, encoding=source.encoding,
+                                           block_size=max(1 << 20, min(len(data) + 1, 1 << 26))),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if source.quoted else False,
+                                             ignore_empty_lines=True),
+            convert_options=pacsv.ConvertOptions(column_types=types, include_columns=list(types),
+                                                 strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError):
+        return None
+    if table.num_rows != expected_rows:
+        return None
+    cols = {role: table.column(name) for role, name in source.roles.items()}
+    for role in ("user", "item"):
+        col = cols[role]
+        if col.null_count or (source.id_kind == "str" and pc.any(pc.equal(pc.utf8_length(col), 0)).as_py()):
+            return None
+    if source.has_timestamp:
+        ts = cols["timestamp"]
+        if ts.null_count or not pc.all(pc.greater_equal(ts, 0)).as_py() or pc.any(pc.is_inf(ts)).as_py():
+            return None
+    if source.has_rating:
+        r = cols["rating"]
+        if r.null_count or pc.any(pc.is_nan(r)).as_py():
+            return None
+    return pa.table({role: cols[role].combine_chunks() for role in cols})
+
+
+def _empty_roles(source: ResolvedSource) -> pa.Table:
+    id_type = source.arrow_id_type
+    cols = {"user": pa.array([], id_type), "item": pa.array([], id_type)}
+    if source.has_timestamp:
+        cols["timestamp"] = pa.array([], pa.float64())
+    if source.has_rating:
+        cols["rating"] = pa.array([], pa.float64())
+    return pa.table(cols)
+
+
+def _finish(source: ResolvedSource, table: pa.Table, ords: np.ndarray) -> pa.Table:
+    n = table.num_rows
+    ts = table.column("timestamp") if source.has_timestamp else pa.array(ords.astype(np.float64))
+    rating = table.column("rating") if source.has_rating else pa.nulls(n, pa.float64())
+    return pa.Table.from_arrays(
+        [table.column("user"), table.column("item"), ts, rating, pa.array(ords, pa.int64()),
+         pa.array(np.zeros(n, np.int8))],
+        schema=event_schema(source.arrow_id_type))
+
+
+def _marked_rows(source: ResolvedSource, ords: np.ndarray, reason: DropReason) -> pa.Table:
+    n = len(ords)
+    id_type = source.arrow_id_type
+    return pa.Table.from_arrays(
+        [pa.nulls(n, id_type), pa.nulls(n, id_type), pa.nulls(n, pa.float64()), pa.nulls(n, pa.float64()),
+         pa.array(np.asarray(ords, np.int64)), pa.array(np.full(n, int(reason), np.int8))],
+        schema=event_schema(id_type))
+
+
+def _split_fields(source: ResolvedSource, text: str) -> list[str]:
+    if source.format == "sasrec":
+        return text.split()
+    if source.delimiter == "::":
+        return text.split("::")
+    if source.quoted:
+        return next(csv.reader([text], delimiter=source.delimiter))
+    return text.split(source.delimiter)
+
+
+def _slow_parse(source: ResolvedSource, split: Split, data: bytes, first: int, base_ord: int) -> pa.Table:
+    """Line-by-line parse that names the first bad line (error mode) or marks bad rows (skip mode)."""
+    users, items, stamps, ratings, ords, codes = [], [], [], [], [], []
+    index = {name: i for i, name in enumerate(source.fields)}
+    offset = first
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines = lines[:-1]
+    for row, raw in enumerate(lines):
+        line_offset, offset = offset, offset + len(raw) + 1
+        problem = _check_line(source, raw, index)
+        ords.append(base_ord + row)
+        if isinstance(problem, _Bad):
+            field, message = problem.field, problem.message
+            if source.on_bad_row == "error":
+                raise InputError(message, path=split.path, line=line_number(split.path, line_offset), field=field)
+            users.append(None), items.append(None), stamps.append(None), ratings.append(None)
+            codes.append(int(DropReason.MALFORMED_ROW))
+            continue
+        if problem is None:  # blank line
+            users.append(None), items.append(None), stamps.append(None), ratings.append(None)
+            codes.append(int(DropReason.BLANK_LINE))
+            continue
+        user, item, stamp, rating = problem
+        users.append(user), items.append(item), ratings.append(rating)
+        stamps.append(float(base_ord + row) if stamp is None else stamp)
+        codes.append(0)
+    id_type = source.arrow_id_type
+    return pa.Table.from_arrays(
+        [pa.array(users, id_type), pa.array(items, id_type), pa.array(stamps, pa.float64()),
+         pa.array(ratings, pa.float64()), pa.array(ords, pa.int64()), pa.array(codes, pa.int8())],
+        schema=event_schema(id_type))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bad:
+    field: Optional[str]
+    message: str
+
+
+def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
+    """Parsed ``(user, item, timestamp, rating)``, ``None`` for a blank line, or a :class:`_Bad`."""
+    try:
+        text = raw.decode(source.encoding).rstrip("\r")
+    except UnicodeDecodeError:
+        return None if not raw.strip() else _Bad(None, f"not valid {source.encoding} text (binary data, or set source.encoding)")
+    if not text.strip():
+        return None
+    if "\x00" in text:
+        return _Bad(None, "contains NUL bytes: binary data, expected text lines")
+    fields = _split_fields(source, text)
+    if len(fields) != len(source.fields):
+        return _Bad(None, f"expected {len(source.fields)} fields ({', '.join(source.fields)}) separated by "
+                          f"{source.describe_sep()}, found {len(fields)}: {text[:80]!r}")
+    values = {}
+    for role, name in source.roles.items():
+        value = fields[index[name]].strip()
+        if role in ("user", "item"):
+            if not value:
+                return _Bad(name, f"expected a non-empty {role} id")
+            if source.id_kind == "int":
+                try:
+                    values[role] = int(value)
+                except ValueError:
+                    return _Bad(name, f"expected an integer {role} id, got {value[:40]!r}")
+            else:
+                values[role] = value
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                return _Bad(name, f"expected a number, got {value[:40]!r}")
+            if number != number or number in (float("inf"), float("-inf")):
+                return _Bad(name, f"expected a finite number, got {value[:40]!r}")
+            if role == "timestamp" and number < 0:
+                return _Bad(name, f"expected a non-negative timestamp, got {value[:40]!r}")
+            values[role] = number
+    return values["user"], values["item"], values.get("timestamp"), values.get("rating")
+
+
+def _read_parquet_split(source: ResolvedSource, split: Split) -> pa.Table:
+    columns = list(dict.fromkeys(source.roles.values()))
+    try:
+        table = pq.ParquetFile(split.path).read_row_group(split.row_group, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"cannot read row group {split.row_group} ({exc})", path=split.path) from None
+    n = table.num_rows
+    ords = split.file_index * _ORD_FILE_STRIDE + split.row_offset + np.arange(n, dtype=np.int64)
+    cols = {}
+    for role, name in source.roles.items():
+        col = table.column(name)
+        if role in ("user", "item"):
+            target = source.arrow_id_type
+            if pa.types.is_floating(col.type) or not (pa.types.is_integer(col.type) or pa.types.is_string(col.type)
+                                                        or pa.types.is_large_string(col.type)):
+                raise InputError(f"expected integer or string ids, found type {col.type}", path=split.path, field=name)
+            col = col.cast(pa.string()) if target == pa.string() else col
+            if pa.types.is_string(col.type) and target == pa.int64():
+                raise InputError("expected integer ids, found strings", path=split.path, field=name)
+            col = col.cast(target)
+        elif role == "timestamp" and pa.types.is_timestamp(col.type):
+            col = pc.divide(pc.cast(pc.cast(col, pa.timestamp("us")), pa.int64()), 1e6)
+        else:
+            if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+                raise InputError(f"expected a numeric column, found type {col.type}", path=split.path, field=name)
+            col = col.cast(pa.float64())
+        cols[role] = col.combine_chunks()
+    bad = np.zeros(n, bool)
+    reasons = {}
+    for role, col in cols.items():
+        isnull = col.is_null().to_numpy(zero_copy_only=False)
+        bad |= isnull
+        if isnull.any():
+            reasons.setdefault(role, ("missing value", int(np.flatnonzero(isnull)[0])))
+        if role == "timestamp":
+            neg = pc.fill_null(pc.less(col, 0), False).to_numpy(zero_copy_only=False)
+            bad |= neg
+            if neg.any():
+                reasons.setdefault(role, ("expected a non-negative timestamp", int(np.flatnonzero(neg)[0])))
+    if bad.any() and source.on_bad_row == "error":
+        role, (message, row) = min(reasons.items(), key=lambda kv: kv[1][1])
+        raise InputError(f"{message} in row {split.row_offset + row + 1}", path=split.path, field=source.roles[role])
+    result = _finish(source, pa.table(cols), ords)
+    if bad.any():
+        codes = np.where(bad, int(DropReason.MALFORMED_ROW), 0).astype(np.int8)
+        result = result.set_column(5, "drop_code", pa.array(codes))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Item metadata (small files, read on the driver)
+# ----------------------------------------------------------------------------------------------
+
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+def read_item_metadata(source: ResolvedSource, cfg: SourceConfig) -> Optional[pd.DataFrame]:
+    """``item_id`` (as str), ``title``, ``categories`` ('|'-joined) from the source's item file, if any."""
+    if source.items_path is None:
+        return None
+    path = Path(source.items_path)
+    _require_file(path, "item metadata file")
+    try:
+        if source.format == "ml-1m":
+            frame = pd.read_csv(path, sep="::", engine="python", names=["item_id", "title", "categories"],
+                                encoding="latin-1", dtype=str, quoting=csv.QUOTE_NONE)
+        elif source.format == "ml-100k":
+            frame = pd.read_csv(path, sep="|", header=None, encoding="latin-1", dtype=str, quoting=csv.QUOTE_NONE)
+            flags = frame.iloc[:, 5:5 + len(ML100K_GENRES)].to_numpy() == "1"
+            genres = ["|".join(g for g, f in zip(ML100K_GENRES, row) if f) for row in flags]
+            frame = pd.DataFrame({"item_id": frame[0], "title": frame[1], "categories": genres})
+        elif source.format == "recbole":
+            frame = pd.read_csv(path, sep="\t", dtype=str, encoding=source.encoding, quoting=csv.QUOTE_NONE,
+                                keep_default_na=False)
+            frame.columns = [c.split(":", 1)[0] for c in frame.columns]
+            title = next((c for c in ("movie_title", "title", "name") if c in frame.columns), None)
+            cats = next((c for c in ("class", "genre", "genres", "categories", "category") if c in frame.columns), None)
+            if source.roles["item"] not in frame.columns:
+                raise InputError(f"column '{source.roles['item']}' not found; the columns are {list(frame.columns)}",
+                                 path=str(path), line=1)
+            frame = pd.DataFrame({
+                "item_id": frame[source.roles["item"]],
+                "title": frame[title] if title else None,
+                "categories": frame[cats].str.split().str.join("|") if cats else None,
+            })
+        else:
+            frame = (pd.read_parquet(path) if path.suffix == ".parquet"
+                     else pd.read_csv(path, sep=source.delimiter or ",", dtype=str, encoding=source.encoding,
+                                      keep_default_na=False))
+            item_col = cfg.item_col if cfg.item_col in frame.columns else frame.columns[0]
+            frame = pd.DataFrame({
+                "item_id": frame[item_col].astype(str),
+                "title": frame[cfg.title_col] if cfg.title_col in frame.columns else None,
+                "categories": frame[cfg.categories_col] if cfg.categories_col in frame.columns else None,
+            })
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"cannot parse item metadata ({exc})", path=str(path)) from None
+    frame["item_id"] = frame["item_id"].astype(str).str.strip()
+    return frame.drop_duplicates("item_id", keep="first").reset_index(drop=True)

@@ -1,0 +1,183 @@
+"""SASRec and the long/short-term interest model: pure PyTorch, no Ray, no data loading.
+
+Both map a left-padded batch to one hidden vector per position, ``(B, L, d)``; scores are dot
+products with the item embedding table, which is shared between input and output (as in
+SASRec). The models own only the math: sampling, losses and metrics live elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysrec.config import Config, check
+from raysrec.models.layers import Encoder, causal_mask
+
+
+@dataclasses.dataclass
+class ModelConfig(Config):
+    """Architecture; ``num_items`` comes from the prepared data (items are 1..num_items, 0 = padding)."""
+
+    name: Literal["sasrec", "longshort"] = "sasrec"
+    num_items: int = 0
+    hidden_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.2
+    emb_dropout: Optional[float] = None
+    max_length: int = 200
+    norm_first: bool = True
+    ffn_mult: int = 1
+    activation: Literal["gelu", "relu"] = "gelu"
+    # long/short-term model
+    short_window: int = 8
+    short_layers: int = 1
+    time_buckets: int = 32
+    use_time_gap: bool = True
+
+    def validate(self) -> None:
+        check(self.hidden_dim > 0 and self.hidden_dim % self.num_heads == 0,
+              f"model.hidden_dim ({self.hidden_dim}) must be a positive multiple of model.num_heads ({self.num_heads})")
+        check(self.num_layers >= 1 and self.short_layers >= 1, "model layers must be >= 1")
+        check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
+        check(self.max_length >= 2, "model.max_length must be >= 2")
+        check(1 <= self.short_window <= self.max_length, "model.short_window must be in [1, max_length]")
+
+
+class SequentialRecommender(nn.Module):
+    """Shared pieces: item table (tied with the output), learned positions, scoring."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        check(cfg.num_items > 0, "model.num_items must be set from the data")
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.hidden_dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_length, cfg.hidden_dim)
+        self.emb_drop = nn.Dropout(cfg.dropout if cfg.emb_dropout is None else cfg.emb_dropout)
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.cfg.hidden_dim ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, d). Left padding means position L-1 is always the newest item."""
+        length = input_ids.shape[1]
+        x = self.item_emb(input_ids) * math.sqrt(self.cfg.hidden_dim)
+        x = x + self.pos_emb.weight[-length:][None]
+        return self.emb_drop(x) * (input_ids != 0).unsqueeze(-1)
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_emb.weight                                   # (N+1, d)
+
+    def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., N+1) scores against every item; index 0 (padding) is -inf."""
+        logits = hidden @ self.item_vectors().T
+        logits[..., 0] = float("-inf")
+        return logits
+
+    def score_items(self, hidden: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+        """hidden (..., d), item_ids (..., K) -> (..., K)."""
+        return (self.item_emb(item_ids) * hidden.unsqueeze(-2)).sum(-1)
+
+    def forward(self, batch: dict[str, torch.Tensor], with_aux: bool = False):
+        """Hidden states (B, L, d); with ``with_aux`` also the auxiliary loss (or ``None``).
+
+        One ``forward`` serves both, so DDP sees every parameter used in a single call.
+        """
+        raise NotImplementedError
+
+
+class SASRec(SequentialRecommender):
+    """Self-attentive sequential recommendation (Kang & McAuley, ICDM 2018)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.encoder = Encoder(cfg.hidden_dim, cfg.num_heads, cfg.num_layers, cfg.dropout, cfg.norm_first,
+                               cfg.ffn_mult, cfg.activation)
+        self._init_weights()
+
+    def forward(self, batch: dict[str, torch.Tensor], with_aux: bool = False):
+        input_ids = batch["input_ids"]
+        hidden = self.encoder(self.embed(input_ids), causal_mask(input_ids != 0))  # (B, L, d)
+        return (hidden, None) if with_aux else hidden
+
+
+class LongShortInterest(SequentialRecommender):
+    """Long- and short-term interests with an adaptive, recency-aware fusion (after CLSR, WWW 2022).
+
+    * long-term encoder: causal self-attention over the whole history window (``max_length``);
+    * short-term encoder: the same blocks restricted to the last ``short_window`` items by a
+      windowed causal mask, so every position is computed in one pass;
+    * fusion gate: ``g = sigmoid(MLP([h_long, h_short, e_gap]))`` where ``e_gap`` embeds the log
+      time between the last seen event and the moment of recommendation; ``h = g*h_short +
+      (1-g)*h_long``. A long pause makes the session stale and the gate can lean on the long term;
+    * optional auxiliary loss (CLSR's interest disentanglement): each interest should be closer
+      to its own proxy (mean of the whole history / of the recent window) than to the other's.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.long = Encoder(cfg.hidden_dim, cfg.num_heads, cfg.num_layers, cfg.dropout, cfg.norm_first,
+                            cfg.ffn_mult, cfg.activation)
+        self.short = Encoder(cfg.hidden_dim, cfg.num_heads, cfg.short_layers, cfg.dropout, cfg.norm_first,
+                             cfg.ffn_mult, cfg.activation)
+        self.gap_emb = nn.Embedding(cfg.time_buckets + 1, cfg.hidden_dim)
+        self.gate = nn.Sequential(nn.Linear(3 * cfg.hidden_dim, cfg.hidden_dim), nn.GELU(),
+                                  nn.Linear(cfg.hidden_dim, cfg.hidden_dim))
+        self._init_weights()
+
+    def gap_buckets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, L) bucket of log2(seconds from each input event to its target's time); 0 = unknown."""
+        if not self.cfg.use_time_gap or "target_times" not in batch:
+            return torch.zeros_like(batch["input_ids"])
+        gap = (batch["target_times"] - batch["input_times"]).clamp(min=0)
+        bucket = torch.log2(gap.float() + 1.0).floor().long() + 1
+        known = (batch["input_ids"] != 0) & (batch["target_times"] > 0)
+        return torch.where(known, bucket.clamp(max=self.cfg.time_buckets), torch.zeros_like(bucket))
+
+    def forward(self, batch: dict[str, torch.Tensor], with_aux: bool = False):
+        input_ids = batch["input_ids"]
+        padding = input_ids != 0
+        x = self.embed(input_ids)
+        h_long = self.long(x, causal_mask(padding))                             # (B, L, d)
+        h_short = self.short(x, causal_mask(padding, window=self.cfg.short_window))
+        e_gap = self.gap_emb(self.gap_buckets(batch))
+        g = torch.sigmoid(self.gate(torch.cat([h_long, h_short, e_gap], dim=-1)))
+        hidden = g * h_short + (1.0 - g) * h_long
+        if not with_aux:
+            return hidden
+        return hidden, self._disentangle_loss(input_ids, h_long, h_short)
+
+    def _disentangle_loss(self, input_ids: torch.Tensor, h_long: torch.Tensor, h_short: torch.Tensor) -> torch.Tensor:
+        padding = (input_ids != 0).float().unsqueeze(-1)
+        e = self.item_emb(input_ids) * padding                                  # (B, L, d)
+        csum = e.cumsum(1)
+        count = padding.cumsum(1).clamp(min=1)
+        p_long = csum / count
+        w = self.cfg.short_window
+        shifted = F.pad(csum, (0, 0, w, 0))[:, :-w]
+        p_short = (csum - shifted) / (count - F.pad(count, (0, 0, w, 0))[:, :-w]).clamp(min=1)
+        n = F.normalize
+        sim = lambda a, b: (n(a, dim=-1) * n(b, dim=-1)).sum(-1)  # noqa: E731
+        loss = F.softplus(sim(h_long, p_short) - sim(h_long, p_long)) + \
+            F.softplus(sim(h_short, p_long) - sim(h_short, p_short))
+        mask = padding.squeeze(-1)
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+MODELS = {"sasrec": SASRec, "longshort": LongShortInterest}
+
+
+def build_model(cfg: ModelConfig) -> SequentialRecommender:
+    return MODELS[cfg.name](cfg)

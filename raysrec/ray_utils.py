@@ -1,0 +1,21 @@
+"""Connecting to Ray: an existing cluster when there is one, a local one otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+
+def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True) -> None:
+    """``ray.init`` once: joins ``RAY_ADDRESS`` (set by ``ray job submit``) or starts local mode."""
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return
+    kwargs = {}
+    if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = num_cpus
+    ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("RAYSREC_PROGRESS", "1") != "0"

@@ -1,0 +1,58 @@
+"""Shared fixtures: a real local Ray (2 CPUs) and the MovieLens-100K folder from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAYSREC_PROGRESS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = Path(os.environ.get("RAYSREC_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, as a laptop user would have it."""
+    import ray
+
+    from raysrec.ray_utils import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir() -> Path:
+    if not (ML100K / "ml-100k.inter").is_file():
+        pytest.skip(f"MovieLens-100K not found at {ML100K} (set RAYSREC_ML100K)")
+    return ML100K
+
+
+@pytest.fixture(scope="session")
+def ml100k_prepared(ray_local, ml100k_dir, tmp_path_factory) -> Path:
+    from raysrec.data.pipeline import PrepareConfig, prepare
+    from raysrec.data.sources import SourceConfig
+
+    out = tmp_path_factory.mktemp("ml100k") / "prepared"
+    prepare(PrepareConfig(source=SourceConfig(path=str(ml100k_dir)), output=str(out)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_prepared(ray_local, tmp_path_factory) -> Path:
+    """A small synthetic log, prepared: 300 users, 200 items."""
+    from raysrec.data.pipeline import PrepareConfig, prepare
+    from raysrec.data.sources import SourceConfig
+    from raysrec.data.synth import SynthConfig, write
+
+    root = tmp_path_factory.mktemp("synth")
+    write(SynthConfig(output=str(root / "raw"), num_users=300, num_items=200, num_events=30_000,
+                      num_categories=8, seed=1))
+    out = root / "prepared"
+    prepare(PrepareConfig(source=SourceConfig(path=str(root / "raw")), output=str(out), num_shards=4))
+    return out
