@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from raysrec.errors import RaysrecError
 
@@ -64,6 +64,67 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_FLAGS = {
+    "data": "data", "output": "output", "model": "model.name", "loss": "loss", "epochs": "epochs",
+    "patience": "patience", "batch_size": "batch_size", "lr": "lr", "hidden_dim": "model.hidden_dim",
+    "num_layers": "model.num_layers", "num_heads": "model.num_heads", "dropout": "model.dropout",
+    "max_length": "model.max_length", "seed": "seed", "num_workers": "num_workers", "use_gpu": "use_gpu",
+    "cpus_per_worker": "cpus_per_worker", "resume_from": "resume_from", "storage_path": "storage_path",
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
+    from raysrec.train.config import TrainConfig  # noqa: PLC0415
+    from raysrec.train.run import fit  # noqa: PLC0415
+
+    cfg = _config_from_args(TrainConfig, args, TRAIN_FLAGS, args.config)
+    if not args.no_ray:
+        ensure_ray(num_cpus=args.num_cpus)
+    metrics = fit(cfg, use_ray=not args.no_ray)
+    print(json.dumps({"test": metrics["test"], "epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"]},
+                     indent=2))
+    print(f"model, metrics and training curve written to {os.path.abspath(cfg.output)}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from raysrec.train.loop import evaluate_checkpoint  # noqa: PLC0415
+
+    model_dir = args.model
+    if os.path.isdir(os.path.join(model_dir, "checkpoint")):
+        model_dir = os.path.join(model_dir, "checkpoint")
+    metrics = evaluate_checkpoint(args.data, model_dir, protocol=args.protocol, split=args.split, seed=args.seed)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """synth -> prepare -> train on the embedded synthetic default (the `make demo` job)."""
+    from raysrec.data.pipeline import PrepareConfig, prepare  # noqa: PLC0415
+    from raysrec.data.sources import SourceConfig  # noqa: PLC0415
+    from raysrec.data.synth import SynthConfig, write  # noqa: PLC0415
+    from raysrec.models.sequential import ModelConfig  # noqa: PLC0415
+    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
+    from raysrec.train.config import TrainConfig  # noqa: PLC0415
+    from raysrec.train.run import fit  # noqa: PLC0415
+
+    root = os.path.abspath(args.output)
+    ensure_ray(num_cpus=args.num_cpus)
+    print(f"[1/3] synth: {args.events:,} events -> {root}/raw", flush=True)
+    write(SynthConfig(output=f"{root}/raw", num_users=args.events // 166, num_items=max(200, args.events // 250),
+                      num_events=args.events))
+    print("[2/3] prepare (Ray Data)", flush=True)
+    manifest = prepare(PrepareConfig(source=SourceConfig(path=f"{root}/raw"), output=f"{root}/prepared", overwrite=True))
+    print(f"      {manifest['num_users']:,} users, {manifest['num_items']:,} items, {manifest['rows_kept']:,} events")
+    print("[3/3] train SASRec (Ray Train)", flush=True)
+    metrics = fit(TrainConfig(data=f"{root}/prepared", output=f"{root}/model", epochs=args.epochs, patience=3,
+                              model=ModelConfig(max_length=50)))
+    print(json.dumps({"test": metrics["test"]}, indent=2))
+    print(f"outputs: {root}/prepared (data), {root}/model (checkpoint, metrics.json, training_curve.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,12 +164,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="PrepareConfig YAML; flags override it")
     p.set_defaults(func=_cmd_prepare)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    p = sub.add_parser("train", help="train sasrec / longshort with Ray Train; writes checkpoint, metrics, curve")
+    p.add_argument("--data", "-d", help="a folder written by `raysrec prepare`")
+    p.add_argument("--output", "-o", help="output folder")
+    p.add_argument("--model", choices=["sasrec", "longshort"])
+    p.add_argument("--loss", choices=["ce", "sampled", "bce"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--hidden-dim", type=int, dest="hidden_dim")
+    p.add_argument("--num-layers", type=int, dest="num_layers")
+    p.add_argument("--num-heads", type=int, dest="num_heads")
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--max-length", type=int, dest="max_length")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int, dest="num_workers")
+    p.add_argument("--cpus-per-worker", type=float, dest="cpus_per_worker")
+    p.add_argument("--use-gpu", action="store_true", default=None, dest="use_gpu")
+    p.add_argument("--resume-from", dest="resume_from", help="a checkpoint folder to continue from")
+    p.add_argument("--storage-path", dest="storage_path", help="Ray Train storage (local path or s3://...)")
+    p.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for a local Ray (ignored on a cluster)")
+    p.add_argument("--config", help="TrainConfig YAML; flags override it")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="re-score a checkpoint (full ranking or the sampled protocol)")
+    p.add_argument("--data", "-d", required=True)
+    p.add_argument("--model", "-m", required=True, help="a training output folder or a checkpoint folder")
+    p.add_argument("--protocol", choices=["full", "sampled"], default="full")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synth -> prepare -> train on the embedded synthetic data")
+    p.add_argument("--output", "-o", default="runs/demo")
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    p.set_defaults(func=_cmd_demo)
     return parser
-
-
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -133,6 +133,7 @@ class LongShortInterest(SequentialRecommender):
         self.short = Encoder(cfg.hidden_dim, cfg.num_heads, cfg.short_layers, cfg.dropout, cfg.norm_first,
                              cfg.ffn_mult, cfg.activation)
         self.gap_emb = nn.Embedding(cfg.time_buckets + 1, cfg.hidden_dim)
+        self.aux_enabled = True  # the trainer turns the disentangling loss off when its weight is 0
         self.gate = nn.Sequential(nn.Linear(3 * cfg.hidden_dim, cfg.hidden_dim), nn.GELU(),
                                   nn.Linear(cfg.hidden_dim, cfg.hidden_dim))
         self._init_weights()
@@ -157,7 +158,7 @@ class LongShortInterest(SequentialRecommender):
         hidden = g * h_short + (1.0 - g) * h_long
         if not with_aux:
             return hidden
-        return hidden, self._disentangle_loss(input_ids, h_long, h_short)
+        return hidden, self._disentangle_loss(input_ids, h_long, h_short) if self.aux_enabled else None
 
     def _disentangle_loss(self, input_ids: torch.Tensor, h_long: torch.Tensor, h_short: torch.Tensor) -> torch.Tensor:
         padding = (input_ids != 0).float().unsqueeze(-1)

@@ -1,0 +1,92 @@
+"""Ray Train (V2) adapter: a thin shell that runs :func:`raysrec.train.loop.train_loop` per worker."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysrec.train.config import VALID_METRIC, TrainConfig
+
+
+class RaySession:
+    """What a Ray Train worker needs: rank, device, DDP, all-reduce, report and checkpoints."""
+
+    def __init__(self) -> None:
+        import ray.train  # noqa: PLC0415
+        import ray.train.torch  # noqa: PLC0415
+
+        self._train = ray.train
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch  # noqa: PLC0415
+
+        return ray.train.torch.prepare_model(model)
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        if self.world_size == 1:
+            return values
+        tensor = torch.from_numpy(values).to(self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.cpu().numpy()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="raysrec-resume-")))
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The Ray Train worker entry point (``train_loop_per_worker``)."""
+    from raysrec.train.loop import train_loop  # noqa: PLC0415
+
+    cfg = TrainConfig.from_dict(config["train_config"])
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    train_loop(cfg, RaySession())
+
+
+def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str):
+    """A ``TorchTrainer`` for ``cfg``: scaling, failure handling and best-checkpoint retention."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"train_config": cfg.to_dict()},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray always keeps the latest checkpoint too, which is what a restarted worker resumes from.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=VALID_METRIC,
+                                               checkpoint_score_order="max"),
+        ),
+    )
+
+
+def best_checkpoint_dir(result) -> Path:
+    """The folder of the best reported checkpoint of a finished ``Result``."""
+    scored = [(metrics.get(VALID_METRIC, -1.0), checkpoint) for checkpoint, metrics in result.best_checkpoints]
+    if not scored:
+        raise RuntimeError("the training run reported no checkpoint")
+    _, checkpoint = max(scored, key=lambda pair: pair[0])
+    return Path(checkpoint.path)
