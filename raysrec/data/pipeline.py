@@ -39,8 +39,15 @@ import pyarrow.parquet as pq
 import raysrec
 from raysrec.config import Config, check
 from raysrec.data import transforms
-from raysrec.data.sources import (DropReason, ResolvedSource, SourceConfig, plan_splits, read_item_metadata,
-                                  read_split, resolve_source)
+from raysrec.data.sources import (
+    DropReason,
+    ResolvedSource,
+    SourceConfig,
+    plan_splits,
+    read_item_metadata,
+    read_split,
+    resolve_source,
+)
 from raysrec.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 import pandas as pd
@@ -44,7 +45,7 @@ class SequenceSet:
         return self.items[self.offsets[u]:self.offsets[u + 1]]
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> "SequenceSet":
+    def from_table(cls, table: pa.Table) -> SequenceSet:
         seq = table.column("sequence").combine_chunks()
         times = table.column("timestamps").combine_chunks()
         offsets = seq.offsets.to_numpy().astype(np.int64)
@@ -54,7 +55,7 @@ class SequenceSet:
                    times.values.to_numpy()[base:offsets[-1]].astype(np.float64))
 
     @classmethod
-    def from_lists(cls, sequences: list[list[int]], times: Optional[list[list[float]]] = None) -> "SequenceSet":
+    def from_lists(cls, sequences: list[list[int]], times: Optional[list[list[float]]] = None) -> SequenceSet:
         lengths = np.array([len(s) for s in sequences], np.int64)
         flat_times = (np.concatenate([np.asarray(t, np.float64) for t in times]) if times
                       else np.concatenate([np.arange(n, dtype=np.float64) for n in lengths]))
@@ -71,7 +72,7 @@ class PreparedData:
     items: pd.DataFrame
 
     @classmethod
-    def load(cls, root: str | Path) -> "PreparedData":
+    def load(cls, root: str | Path) -> PreparedData:
         root = Path(root)
         manifest_path = root / MANIFEST_FILE
         if not manifest_path.is_file():

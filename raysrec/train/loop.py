@@ -13,15 +13,21 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from raysrec.data.sequences import (Examples, PreparedData, evaluation_examples, history_matrix, iterate_batches,
-                                    training_examples)
+from raysrec.data.sequences import (
+    Examples,
+    PreparedData,
+    evaluation_examples,
+    iterate_batches,
+    training_examples,
+)
 from raysrec.models import losses
 from raysrec.models.metrics import full_ranking_ranks, metric_sums, sampled_candidates, sampled_ranks
 from raysrec.models.sequential import SequentialRecommender, build_model
@@ -155,6 +161,10 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
 
     for epoch in range(state["epoch"], cfg.epochs):
         started = time.perf_counter()
+        # Re-seeded every epoch (dropout, sampling), so a run resumed from a checkpoint continues
+        # exactly as the uninterrupted run would have.
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + session.rank)
+        generator.manual_seed(cfg.seed * 7919 + epoch * 31 + session.rank)
         model.train()
         loss_sum, n_batches, n_examples = 0.0, 0, 0
         for batch in iterate_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
@@ -202,8 +212,11 @@ class LocalSession:
 
     rank, world_size = 0, 1
 
-    def __init__(self, best_dir: str | Path, device: str = "cpu") -> None:
+    def __init__(self, best_dir: str | Path, device: str = "cpu", last_dir: Optional[str | Path] = None,
+                 resume_from: Optional[str | Path] = None) -> None:
         self.best_dir = Path(best_dir)
+        self.last_dir = Path(last_dir) if last_dir else None
+        self.resume_from = Path(resume_from) if resume_from else None
         self.device = torch.device(device)
         self.best = -math.inf
         self.history: list[dict[str, Any]] = []
@@ -219,6 +232,10 @@ class LocalSession:
         self.history.append(metrics)
         if self.verbose:
             print(format_epoch(metrics), flush=True)
+        if checkpoint_dir is not None and self.last_dir is not None:
+            if self.last_dir.exists():
+                shutil.rmtree(self.last_dir)
+            shutil.copytree(checkpoint_dir, self.last_dir)
         if checkpoint_dir is not None and metrics[VALID_METRIC] > self.best:
             self.best = metrics[VALID_METRIC]
             if self.best_dir.exists():
@@ -226,7 +243,7 @@ class LocalSession:
             shutil.copytree(checkpoint_dir, self.best_dir)
 
     def latest_checkpoint(self) -> Optional[Path]:
-        return None
+        return self.resume_from
 
 
 def format_epoch(m: dict[str, Any]) -> str:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raysrec.data.sequences import (SequenceSet, evaluation_examples, iterate_batches, sample_negatives,
-                                    training_examples)
+from raysrec.data.sequences import (
+    SequenceSet,
+    evaluation_examples,
+    iterate_batches,
+    sample_negatives,
+    training_examples,
+)
 
 
 def seqs():

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysrec.data.sources import (DropReason, SourceConfig, plan_splits, read_item_metadata, read_split,
-                                  resolve_source)
+from raysrec.data.sources import DropReason, SourceConfig, plan_splits, read_item_metadata, read_split, resolve_source
 from raysrec.errors import InputError
 
 
