@@ -21,7 +21,6 @@ failed run never leaves an output that looks complete.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -49,6 +48,7 @@ from raysrec.data.sources import (
     resolve_source,
 )
 from raysrec.errors import InputError
+from raysrec.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -140,14 +140,6 @@ def _finalize_shard(batch: dict[str, np.ndarray], stage_dir: str, out_dir: str, 
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _ids_array(values: np.ndarray, id_kind: str) -> pa.Array:
     return pa.array(values, pa.int64() if id_kind == "int" else pa.string())
@@ -268,7 +260,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path,
         "raysrec_version": raysrec.__version__,
         "config": cfg.to_dict(),
         "source_format": source.format,
-        "inputs": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "sha256": _sha256(p)}
+        "inputs": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)}
                    for p in source.files + ([source.items_path] if source.items_path else [])],
         "has_timestamps": source.has_timestamp,
         "has_ratings": source.has_rating,

@@ -9,7 +9,6 @@ code: ``torch.load(weights_only=True)`` and safe YAML.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import uuid
@@ -19,19 +18,12 @@ from typing import Any, Optional
 import torch
 
 from raysrec.errors import CheckpointError
+from raysrec.hashing import sha256_file
 from raysrec.models.sequential import SequentialRecommender, build_model
 from raysrec.train.config import TrainConfig
 
 MODEL_FILE, OPTIM_FILE, STATE_FILE, CONFIG_FILE, ITEMS_FILE = (
     "model.pt", "optimizer.pt", "state.json", "train_config.yaml", "items.parquet")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_checkpoint(folder: str | Path, model: SequentialRecommender, cfg: TrainConfig, state: dict[str, Any],
@@ -47,7 +39,7 @@ def save_checkpoint(folder: str | Path, model: SequentialRecommender, cfg: Train
         cfg.save(tmp / CONFIG_FILE)
         if items_file is not None:
             shutil.copyfile(items_file, tmp / ITEMS_FILE)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
@@ -77,7 +69,7 @@ def verify_checkpoint(folder: str | Path) -> dict[str, Any]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or modified); refusing to load it")
     return state
 
