@@ -8,7 +8,11 @@ from typing import Optional
 
 
 def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True) -> None:
-    """``ray.init`` once: joins ``RAY_ADDRESS`` (set by ``ray job submit``) or starts local mode."""
+    """``ray.init`` once: joins ``RAY_ADDRESS`` (set by ``ray job submit``) or starts local mode.
+
+    Worker output reaches the driver (per-epoch lines of Ray Train workers); ``quiet`` only
+    lowers Ray's own log level.
+    """
     import ray  # noqa: PLC0415
 
     if ray.is_initialized():
@@ -16,6 +20,6 @@ def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True) -> None:
     kwargs = {}
     if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
-    ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=not quiet, **kwargs)
+    ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAYSREC_PROGRESS", "1") != "0"

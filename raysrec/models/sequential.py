@@ -30,7 +30,7 @@ class ModelConfig(Config):
     num_heads: int = 2
     dropout: float = 0.2
     emb_dropout: Optional[float] = None
-    max_length: int = 200
+    max_length: int = 50
     norm_first: bool = True
     ffn_mult: int = 1
     activation: Literal["gelu", "relu"] = "gelu"

@@ -26,7 +26,7 @@ class TrainConfig(Config):
     aux_loss_weight: float = 0.0
     grad_clip: Optional[float] = None
     epochs: int = 200
-    patience: int = 20
+    patience: int = 10
     train_windows: Literal["all", "last"] = "all"
     eval_batch_size: int = 256
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])

@@ -193,6 +193,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         if improved:
             state.update(best=metrics[VALID_METRIC], best_epoch=epoch + 1)
         metrics["best_" + VALID_METRIC] = state["best"]
+        metrics["eta_seconds"] = (cfg.epochs - epoch - 1) * metrics["epoch_seconds"]
         state["history"].append(metrics)
         checkpoint_dir = None
         if session.rank == 0:
@@ -247,9 +248,14 @@ class LocalSession:
 
 
 def format_epoch(m: dict[str, Any]) -> str:
-    return (f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  valid ndcg@10 {m[VALID_METRIC]:.4f}  "
+    """One progress line per epoch, with the worst-case ETA (early stopping may end sooner)."""
+    line = (f"epoch {m['epoch']:>3}  loss {m['train_loss']:.4f}  valid ndcg@10 {m[VALID_METRIC]:.4f}  "
             f"hr@10 {m['valid_hr@10']:.4f}  best {m['best_' + VALID_METRIC]:.4f}  "
             f"{m['epoch_seconds']:.1f}s  {m['examples_per_second']:,.0f} ex/s")
+    if "eta_seconds" in m:
+        left = float(m["eta_seconds"])
+        line += f"  eta <= {int(left // 60)}m{int(left % 60):02d}s"
+    return line
 
 
 def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: str = "full",

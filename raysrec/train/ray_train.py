@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -40,6 +41,10 @@ class RaySession:
         return tensor.cpu().numpy()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+        from raysrec.train.loop import format_epoch  # noqa: PLC0415
+
+        if self.rank == 0:  # Ray Train forwards worker prints to the driver as "(RayTrainWorker pid=...)"
+            print(format_epoch(metrics), flush=True)
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
 
@@ -60,8 +65,11 @@ def train_func(config: dict[str, Any]) -> None:
     train_loop(cfg, RaySession())
 
 
-def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str):
-    """A ``TorchTrainer`` for ``cfg``: scaling, failure handling and best-checkpoint retention."""
+def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks: Optional[list] = None):
+    """A ``TorchTrainer`` for ``cfg``: scaling, failure handling and best-checkpoint retention.
+
+    ``callbacks`` are Train ``UserCallback``s, e.g. ``TuneReportCallback`` when a Tune trial runs it.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -75,6 +83,7 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str):
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
+            callbacks=callbacks or None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Ray always keeps the latest checkpoint too, which is what a restarted worker resumes from.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=VALID_METRIC,
@@ -83,10 +92,19 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str):
     )
 
 
-def best_checkpoint_dir(result) -> Path:
-    """The folder of the best reported checkpoint of a finished ``Result``."""
+def run_history(result) -> list[dict[str, Any]]:
+    """Every epoch's metrics, from the state of the latest checkpoint (Ray keeps only a few rows)."""
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as folder:  # downloads when storage is remote (s3://, gs://)
+        state = json.loads((Path(folder) / "state.json").read_text())
+    return list(state.get("history", []))
+
+
+def best_checkpoint(result):
+    """The best reported ``ray.train.Checkpoint`` of a finished ``Result`` (by valid NDCG@10)."""
     scored = [(metrics.get(VALID_METRIC, -1.0), checkpoint) for checkpoint, metrics in result.best_checkpoints]
     if not scored:
         raise RuntimeError("the training run reported no checkpoint")
     _, checkpoint = max(scored, key=lambda pair: pair[0])
-    return Path(checkpoint.path)
+    return checkpoint

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from raysrec.train.config import VALID_METRIC, TrainConfig
-from raysrec.train.loop import LocalSession, evaluate_checkpoint, format_epoch, train_loop
+from raysrec.train.loop import LocalSession, evaluate_checkpoint, train_loop
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -29,17 +29,14 @@ def fit(cfg: TrainConfig, use_ray: bool = True) -> dict[str, Any]:
     cfg.save(out / "train_config.yaml")
     started = time.time()
     if use_ray:
-        from raysrec.train.ray_train import best_checkpoint_dir, build_trainer  # noqa: PLC0415
+        from raysrec.train.ray_train import best_checkpoint, build_trainer, run_history  # noqa: PLC0415
 
         storage = cfg.storage_path or str(out / "ray_results")
         result = build_trainer(cfg, run_name="train", storage_path=storage).fit()
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-        best = best_checkpoint_dir(result)
+        history = run_history(result)
         if (out / CHECKPOINT_DIR).exists():
             shutil.rmtree(out / CHECKPOINT_DIR)
-        shutil.copytree(best, out / CHECKPOINT_DIR)
-        for row in history:
-            print(format_epoch(row))
+        best_checkpoint(result).to_directory(str(out / CHECKPOINT_DIR))
     else:
         session = LocalSession(out / CHECKPOINT_DIR)
         train_loop(cfg, session)
