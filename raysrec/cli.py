@@ -125,12 +125,73 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+TUNE_FLAGS = {
+    "data": "data", "output": "output", "space": "space", "num_samples": "num_samples",
+    "max_concurrent": "max_concurrent", "epochs": "epochs", "grace_period": "grace_period", "seed": "seed",
+    "model": "train.model.name", "loss": "train.loss", "num_workers": "train.num_workers",
+    "cpus_per_worker": "train.cpus_per_worker", "gpus_per_worker": "train.gpus_per_worker",
+    "use_gpu": "train.use_gpu", "patience": "train.patience",
+}
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
+    from raysrec.tuning.search import SearchConfig, run_search  # noqa: PLC0415
+
+    if args.resume and args.output and os.path.isfile(os.path.join(args.output, "tune_config.yaml")) \
+            and not args.config:
+        args.config = os.path.join(args.output, "tune_config.yaml")  # resume with the original settings
+    cfg = _config_from_args(SearchConfig, args, TUNE_FLAGS, args.config)
+    ensure_ray(num_cpus=args.num_cpus)
+    summary = run_search(cfg, resume=args.resume)
+    print(json.dumps({k: summary[k] for k in ("trial_id", "params", "valid", "test", "num_trials", "wall_seconds")},
+                     indent=2, default=str))
+    out = os.path.abspath(cfg.output)
+    print(f"best model: {out}/best  (serve it: raysrec serve --model {out}/best)")
+    print(f"all trials: {out}/trials.csv, report: {out}/report.png, "
+          f"TensorBoard: tensorboard --logdir {out}/ray_results")
+    return 0
+
+
+SERVE_FLAGS = {
+    "model": "model_dir", "host": "host", "port": "port", "replicas": "num_replicas", "device": "device",
+    "max_batch_size": "max_batch_size", "batch_wait_timeout_s": "batch_wait_timeout_s",
+    "max_ongoing_requests": "max_ongoing_requests", "torch_threads": "torch_threads", "batching": "batching",
+}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
+    from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
+    from raysrec.serving.recommender import resolve_model_dir  # noqa: PLC0415
+
+    cfg = _config_from_args(ServeConfig, args, SERVE_FLAGS, args.config)
+    resolve_model_dir(cfg.model_dir)  # fail fast, before starting anything
+    ensure_ray(num_cpus=args.num_cpus)
+    run(cfg)
+    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    print(f"serving {cfg.model_dir} at {url}  (POST /recommend, POST /score, GET /model, GET /healthz)")
+    print(f"try: curl -s {url}/recommend -H 'content-type: application/json' -d '{{\"history\": [], \"k\": 5}}'")
+    if args.detach:
+        return 0
+    import time  # noqa: PLC0415
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve  # noqa: PLC0415
+
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic default interaction log")
-    p.add_argument("--output", "-o", required=True, help="output folder")
+    p.add_argument("--output", "-o", help="output folder")
     p.add_argument("--users", type=int)
     p.add_argument("--items", type=int)
     p.add_argument("--events", type=int)
@@ -196,6 +257,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("tune", help="hyper-parameter search: Ray Tune + Optuna TPE + ASHA over Ray Train runs")
+    p.add_argument("--data", "-d", help="a folder written by `raysrec prepare`")
+    p.add_argument("--output", "-o", help="search folder: trials.csv, best/, report.png, ray_results/")
+    p.add_argument("--space", help="search space: tune/<name>.yaml name or a YAML path (default: default)")
+    p.add_argument("--num-samples", type=int, dest="num_samples", help="trials (default 16)")
+    p.add_argument("--max-concurrent", type=int, dest="max_concurrent",
+                   help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
+    p.add_argument("--epochs", type=int, help="max epochs per trial (ASHA max_t)")
+    p.add_argument("--grace-period", type=int, dest="grace_period")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model", choices=["sasrec", "longshort"])
+    p.add_argument("--loss", choices=["ce", "sampled", "bce"])
+    p.add_argument("--patience", type=int)
+    p.add_argument("--num-workers", type=int, dest="num_workers", help="Ray Train workers per trial")
+    p.add_argument("--cpus-per-worker", type=float, dest="cpus_per_worker")
+    p.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker", help="fractions share a GPU")
+    p.add_argument("--use-gpu", action="store_const", const=True, dest="use_gpu")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
+    p.add_argument("--config", help="SearchConfig YAML; flags override it")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (batched top-k retrieval)")
+    p.add_argument("--model", "-m", help="training output, checkpoint folder or tune export (best/)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--max-batch-size", type=int, dest="max_batch_size")
+    p.add_argument("--batch-wait-timeout-s", type=float, dest="batch_wait_timeout_s")
+    p.add_argument("--max-ongoing-requests", type=int, dest="max_ongoing_requests")
+    p.add_argument("--torch-threads", type=int, dest="torch_threads")
+    p.add_argument("--no-batching", action="store_const", const=False, dest="batching")
+    p.add_argument("--config", help="ServeConfig YAML; flags override it")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    p.add_argument("--detach", action="store_true", help="deploy and return (on a running cluster)")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="synth -> prepare -> train on the embedded synthetic data")
     p.add_argument("--output", "-o", default="runs/demo")

@@ -1,0 +1,153 @@
+"""Benchmark: QPS and latency of the Serve endpoint, batched vs unbatched, at several concurrencies.
+
+One run: builds a checkpoint with a catalogue of ``--items`` (default 20,000) items (default
+SASRec architecture; the weights are freshly initialised because latency does not depend on
+their values), deploys it on a local Ray Serve on 127.0.0.1, and for each mode (``@serve.batch``
+on, then off: the same deployment with ``batching: false``) and each concurrency runs a
+closed-loop load generator *in its own process* (aiohttp; C clients each send a request, wait
+for the answer, send the next). Every level is bounded by ``--requests`` and ``--seconds``.
+
+    python bench/serve_load.py [--items 20000] [--concurrency 1 16 64] [--requests 3000] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+# ------------------------------------------------------------------ load generator (own process)
+async def _client_main(url: str, ids: list[int], concurrency: int, total: int, seconds: float, seed: int) -> dict:
+    import aiohttp  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    latencies: list[float] = []
+    failures = 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+
+    async def worker(session):
+        nonlocal sent, failures
+        while sent < total and time.perf_counter() < deadline:
+            sent += 1
+            history = rng.choice(ids, size=int(rng.integers(5, 51))).tolist()
+            started = time.perf_counter()
+            try:
+                async with session.post(f"{url}/recommend", json={"history": history, "k": 10}) as r:
+                    await r.read()
+                    if r.status != 200:
+                        failures += 1
+                        continue
+            except aiohttp.ClientError:
+                failures += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    lat = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "ok": len(latencies), "failed": failures, "seconds": wall,
+            "qps": len(latencies) / wall,
+            **{f"p{q}": float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 95, 99)}}
+
+
+def load(url: str, ids: list[int], concurrency: int, total: int, seconds: float) -> dict:
+    """Run the generator in a separate Python process and return its JSON summary."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ids, f)
+    out = subprocess.run([sys.executable, __file__, "--client", url, f.name, str(concurrency), str(total), str(seconds)],
+                         check=True, capture_output=True, text=True)
+    os.unlink(f.name)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ setup
+def make_checkpoint(folder: Path, num_items: int) -> Path:
+    import pandas as pd  # noqa: PLC0415
+
+    from raysrec.models.sequential import ModelConfig, build_model  # noqa: PLC0415
+    from raysrec.train.checkpoint import save_checkpoint  # noqa: PLC0415
+    from raysrec.train.config import TrainConfig  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    items = pd.DataFrame({"item_index": np.arange(1, num_items + 1, dtype=np.int32),
+                          "item_id": np.arange(100_001, 100_001 + num_items, dtype=np.int64),
+                          "count": rng.zipf(1.5, num_items).astype(np.int64),
+                          "title": [f"item {i}" for i in range(num_items)], "categories": "bench"})
+    folder.mkdir(parents=True, exist_ok=True)
+    items.to_parquet(folder / "items.parquet", index=False)
+    cfg = TrainConfig(model=ModelConfig(num_items=num_items))
+    model = build_model(cfg.model)
+    save_checkpoint(folder / "checkpoint", model, cfg, {"epoch": 0, "best": None}, items_file=folder / "items.parquet")
+    return folder / "checkpoint"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--requests", type=int, default=3000, help="per level")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per level")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.002)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    import ray  # noqa: PLC0415
+    from ray import serve  # noqa: PLC0415
+
+    from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
+
+    work = Path(tempfile.mkdtemp(prefix="raysrec-bench-serve-"))
+    model_dir = make_checkpoint(work, args.items)
+    ids = list(range(100_001, 100_001 + args.items))
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    url = f"http://127.0.0.1:{args.port}"
+    results = {}
+    for mode in ("batched", "unbatched"):
+        cfg = ServeConfig(model_dir=str(model_dir), port=args.port, batching=mode == "batched",
+                          max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
+                          access_log=False, app_name="bench")
+        run(cfg)
+        load(url, ids, 4, 200, 10)                                     # warm-up
+        for c in args.concurrency:
+            results[(mode, c)] = r = load(url, ids, c, args.requests, args.seconds)
+            print(f"{mode:>9}  c={c:<3} {r['qps']:8.1f} qps  p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  "
+                  f"p99 {r['p99']:6.1f} ms  ok {r['ok']}  failed {r['failed']}", flush=True)
+        serve.delete(cfg.app_name)
+    serve.shutdown()
+    ray.shutdown()
+
+    print(f"\n{args.items:,} items, SASRec 64-d x 2 layers, max_length 50, k=10, 1 replica (1 CPU, 1 torch thread), "
+          f"max_batch_size {args.max_batch_size}, wait {args.batch_wait_timeout_s * 1000:.0f} ms, {args.num_cpus} CPUs")
+    print("| concurrency | batched QPS | unbatched QPS | ratio | batched p50 / p95 / p99 ms | unbatched p50 / p95 / p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for c in args.concurrency:
+        b, u = results[("batched", c)], results[("unbatched", c)]
+        print(f"| {c} | {b['qps']:.1f} | {u['qps']:.1f} | {b['qps'] / u['qps']:.2f}x | "
+              f"{b['p50']:.1f} / {b['p95']:.1f} / {b['p99']:.1f} | {u['p50']:.1f} / {u['p95']:.1f} / {u['p99']:.1f} |")
+    failed = sum(r["failed"] for r in results.values())
+    print(f"failed requests: {failed}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        _, _, url, ids_file, c, n, s = sys.argv
+        summary = asyncio.run(_client_main(url, json.loads(Path(ids_file).read_text()), int(c), int(n), float(s), 0))
+        print(json.dumps(summary))
+    else:
+        main()

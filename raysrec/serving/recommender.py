@@ -1,0 +1,220 @@
+"""Online retrieval from a checkpoint: pure PyTorch, no Ray, no HTTP.
+
+:class:`Recommender` maps the dataset's original item ids to model indices, encodes a batch of
+histories in one forward pass and returns the top-k items (or scores for given candidates).
+The Serve deployment (:mod:`raysrec.serving.app`) batches requests and calls it; offline
+evaluation uses the same model code, so a served ranking equals the evaluated one.
+
+Behaviour shared by every entry point:
+
+* history ids the model does not know are skipped and reported back (``unknown_items``);
+* the history is cut to the model's ``max_length`` most recent items;
+* an empty (or all-unknown) history falls back to the most popular items of the training data;
+* ``exclude_seen`` removes the (known) history items; ``exclude`` removes given ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raysrec.errors import CheckpointError
+from raysrec.models.sequential import SequentialRecommender
+from raysrec.train import checkpoint as ckpt
+
+ItemId = int | str
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """Accept a checkpoint folder, a training output (``checkpoint/``) or a tune export (``best/``)."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint", path / "best", path / "best" / "checkpoint"):
+        if (candidate / ckpt.STATE_FILE).is_file():
+            return candidate
+    raise CheckpointError(f"{path}: no raysrec checkpoint here (expected {ckpt.STATE_FILE} in it, "
+                          "in checkpoint/ or in best/)")
+
+
+@dataclasses.dataclass
+class Query:
+    """One request, already validated: original ids, oldest first."""
+
+    history: Sequence[ItemId]
+    k: int = 10
+    exclude_seen: bool = True
+    exclude: Sequence[ItemId] = ()
+    timestamps: Optional[Sequence[float]] = None   # seconds, one per history item (long/short model)
+    now: Optional[float] = None                     # time of the recommendation; default: wall clock
+    candidates: Optional[Sequence[ItemId]] = None   # set for /score
+
+
+@dataclasses.dataclass
+class Answer:
+    items: list[dict[str, Any]]
+    unknown_items: list[ItemId]
+    scores: Optional[list[Optional[float]]] = None
+    fallback: Optional[str] = None
+
+
+class Recommender:
+    """A loaded checkpoint with its item index, ready to answer batches of queries."""
+
+    def __init__(self, model: SequentialRecommender, item_ids: np.ndarray, titles: Optional[list[Optional[str]]],
+                 counts: np.ndarray, metadata: dict[str, Any], device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.device = torch.device(device)
+        self.max_length = model.cfg.max_length
+        self.item_ids = item_ids                                  # index i-1 -> original id of item i
+        self.titles = titles
+        self.index = {v: i + 1 for i, v in enumerate(item_ids.tolist())}
+        self.counts = counts
+        self.ids_are_ints = item_ids.dtype.kind in "iu"
+        order = np.argsort(-counts, kind="stable")
+        self.popular = (order + 1).astype(np.int64)               # item indices, most popular first
+        self.metadata = metadata
+        with torch.inference_mode():
+            self.item_vectors = model.item_vectors().detach().to(device).float().clone()   # (N+1, d)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> Recommender:
+        folder = resolve_model_dir(path)
+        model, cfg, state = ckpt.load_checkpoint(folder, map_location=device)
+        items_path = folder / ckpt.ITEMS_FILE
+        if not items_path.is_file():
+            raise CheckpointError(f"{folder}: {ckpt.ITEMS_FILE} missing; cannot map item ids")
+        items = pq.read_table(items_path).to_pandas().sort_values("item_index")
+        n = model.cfg.num_items
+        if len(items) != n or items["item_index"].iloc[0] != 1 or items["item_index"].iloc[-1] != n:
+            raise CheckpointError(f"{items_path}: {len(items)} items, the model has {n}")
+        titles = items["title"].tolist() if "title" in items and items["title"].notna().any() else None
+        metrics = {}
+        for candidate in (folder.parent / "metrics.json", folder / "metrics.json"):
+            if candidate.is_file():
+                metrics = json.loads(candidate.read_text())
+                break
+        metadata = {
+            "model": cfg.model.name, "version": version_of(state, folder), "checkpoint": str(folder),
+            "num_items": n, "max_length": model.cfg.max_length, "epoch": state.get("epoch"),
+            "valid_ndcg@10": state.get("best"), "config": cfg.to_dict(),
+            "metrics": {k: metrics[k] for k in ("valid", "test") if k in metrics},
+        }
+        return cls(model, items["item_id"].to_numpy(), titles, items["count"].to_numpy(), metadata, device)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def lookup(self, ids: Sequence[ItemId]) -> tuple[list[int], list[int], list[ItemId]]:
+        """Original ids -> (indices of the known ones, their positions, the unknown ids)."""
+        known, positions, unknown = [], [], []
+        for pos, value in enumerate(ids):
+            index = self.index.get(value)
+            if index is None and not self.ids_are_ints and isinstance(value, int):
+                index = self.index.get(str(value))
+            if index is None:
+                unknown.append(value)
+            else:
+                known.append(index)
+                positions.append(pos)
+        return known, positions, unknown
+
+    def original_id(self, index: int) -> ItemId:
+        value = self.item_ids[index - 1]
+        return int(value) if self.ids_are_ints else str(value)
+
+    def _batch(self, histories: list[list[int]], times: list[Optional[list[float]]], nows: list[float]
+               ) -> dict[str, torch.Tensor]:
+        """Left-padded model input for the last position of each history (same layout as training)."""
+        length = max(1, max(len(h) for h in histories))
+        ids = np.zeros((len(histories), length), np.int64)
+        in_t = np.zeros((len(histories), length), np.float64)
+        tgt_t = np.zeros((len(histories), length), np.float64)
+        for r, (h, t, now) in enumerate(zip(histories, times, nows)):
+            if not h:
+                continue
+            ids[r, length - len(h):] = h
+            if t is not None:
+                in_t[r, length - len(h):] = t
+                tgt_t[r, length - len(h):] = now
+        batch = {"input_ids": ids, "input_times": in_t, "target_times": tgt_t}
+        out = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
+        out["padding_mask"] = out["input_ids"] != 0
+        return out
+
+    @torch.inference_mode()
+    def run(self, queries: Sequence[Query]) -> list[Answer]:
+        """Answer a batch of queries with one forward pass."""
+        histories, seen, times, nows, unknowns = [], [], [], [], []
+        for q in queries:
+            known, positions, unknown = self.lookup(q.history)
+            seen.append(known)
+            t = None
+            if q.timestamps is not None:
+                t = [float(q.timestamps[p]) for p in positions][-self.max_length:]
+            histories.append(known[-self.max_length:])
+            times.append(t)
+            nows.append(float(q.now) if q.now is not None else time.time())
+            unknowns.append(unknown)
+        answers: list[Optional[Answer]] = [None] * len(queries)
+        active = [r for r, h in enumerate(histories) if h]
+        hidden = None
+        if active:
+            batch = self._batch([histories[r] for r in active], [times[r] for r in active], [nows[r] for r in active])
+            hidden = self.model(batch)[:, -1].float()                         # (B', d)
+        row_of = {r: i for i, r in enumerate(active)}
+        for r, q in enumerate(queries):
+            h = hidden[row_of[r]] if r in row_of else None
+            if q.candidates is not None:
+                answers[r] = self._score(q, h, unknowns[r])
+            else:
+                answers[r] = self._top_k(q, h, seen[r], unknowns[r])
+        return answers  # type: ignore[return-value]
+
+    def _top_k(self, q: Query, h: Optional[torch.Tensor], seen: list[int], unknown: list[ItemId]) -> Answer:
+        blocked = set(self.lookup(q.exclude)[0])
+        if q.exclude_seen:
+            blocked.update(seen)   # the whole known history, not only the newest max_length
+        k = min(q.k, self.num_items - len(blocked))
+        if h is None:  # no known history: most popular items of the training data
+            picks = [int(i) for i in self.popular[:k + len(blocked)] if int(i) not in blocked][:k]
+            items = [self._item(i, None) for i in picks]
+            return Answer(items, unknown, fallback="popularity")
+        scores = self.item_vectors @ h                                        # (N+1,)
+        scores[0] = float("-inf")
+        if blocked:
+            scores[torch.tensor(sorted(blocked), device=scores.device)] = float("-inf")
+        top = torch.topk(scores, max(k, 0))
+        items = [self._item(int(i), float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        return Answer(items, unknown)
+
+    def _score(self, q: Query, h: Optional[torch.Tensor], unknown: list[ItemId]) -> Answer:
+        known, positions, _ = self.lookup(q.candidates or [])
+        scores: list[Optional[float]] = [None] * len(q.candidates or [])
+        if known:
+            if h is None:
+                values = [float(np.log1p(self.counts[i - 1])) for i in known]
+            else:
+                values = (self.item_vectors[torch.tensor(known, device=self.item_vectors.device)] @ h).tolist()
+            for p, v in zip(positions, values):
+                scores[p] = float(v)
+        return Answer([], unknown, scores=scores, fallback="popularity" if h is None else None)
+
+    def _item(self, index: int, score: Optional[float]) -> dict[str, Any]:
+        out: dict[str, Any] = {"item_id": self.original_id(index), "score": score}
+        if self.titles is not None:
+            out["title"] = self.titles[index - 1]
+        return out
+
+
+def version_of(state: dict[str, Any], folder: Path) -> str:
+    """A short, stable model version: the first 12 hex digits of the weights' sha256."""
+    digest = state.get("files", {}).get(ckpt.MODEL_FILE, "")
+    return f"{folder.name}@{digest[:12]}" if digest else folder.name
