@@ -1,0 +1,43 @@
+"""Search-space parsing: pure, no Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysrec.errors import ConfigError
+from raysrec.train.config import TrainConfig
+from raysrec.tuning.search import space_path
+from raysrec.tuning.space import apply_overrides, load_space, parse_space
+
+
+def test_default_space_covers_the_architecture_and_optimiser():
+    params = {p.path: p for p in load_space(space_path("default"))}
+    assert {"model.num_layers", "model.num_heads", "model.dropout", "model.hidden_dim", "lr",
+            "model.max_length"} <= set(params)
+    for p in params.values():
+        if p.kind == "choice" and p.path == "model.hidden_dim":
+            heads = params["model.num_heads"].args
+            assert all(h % n == 0 for h in p.args for n in heads), "every hidden_dim must fit every num_heads"
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"model.layers": {"choice": [1, 2]}}, "not a TrainConfig field"),
+    ({"lr": {"gaussian": [0, 1]}}, "exactly one of"),
+    ({"lr": {"loguniform": [0.0, 1.0]}}, "low > 0"),
+    ({"model.dropout": {"uniform": [0.5, 0.1]}}, "low < high"),
+    ({"model.num_layers": {"choice": []}}, "non-empty list"),
+    ({"model.num_layers": {"choice": ["two"]}}, "integer"),
+    ({"loss": "hinge"}, "expected one of"),
+    ({"data": "/elsewhere"}, "cannot be searched"),
+    ({}, "non-empty mapping"),
+])
+def test_bad_spaces_fail_before_any_trial_naming_the_field(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_space(raw)
+
+
+def test_overrides_reach_nested_fields_and_are_type_checked():
+    cfg = apply_overrides(TrainConfig(), {"model.num_layers": 3, "lr": 0.004, "model.dropout": 0.1})
+    assert cfg.model.num_layers == 3 and cfg.lr == 0.004 and cfg.model.dropout == 0.1
+    with pytest.raises(ConfigError, match="multiple of"):
+        apply_overrides(TrainConfig(), {"model.hidden_dim": 30, "model.num_heads": 4})
