@@ -170,30 +170,51 @@ class Recommender:
             batch = self._batch([histories[r] for r in active], [times[r] for r in active], [nows[r] for r in active])
             hidden = self.model(batch)[:, -1].float()                         # (B', d)
         row_of = {r: i for i, r in enumerate(active)}
+        ranked = [r for r in active if queries[r].candidates is None]
+        tops = self._top_k_batch(hidden[[row_of[r] for r in ranked]], [queries[r] for r in ranked],
+                                 [seen[r] for r in ranked]) if ranked else []
+        for r, (values, indices) in zip(ranked, tops):
+            answers[r] = Answer([self._item(i, s) for s, i in zip(values, indices)], unknowns[r])
         for r, q in enumerate(queries):
+            if answers[r] is not None:
+                continue
             h = hidden[row_of[r]] if r in row_of else None
             if q.candidates is not None:
                 answers[r] = self._score(q, h, unknowns[r])
             else:
-                answers[r] = self._top_k(q, h, seen[r], unknowns[r])
+                answers[r] = self._popular(q, unknowns[r])
         return answers  # type: ignore[return-value]
 
-    def _top_k(self, q: Query, h: Optional[torch.Tensor], seen: list[int], unknown: list[ItemId]) -> Answer:
+    def _blocked(self, q: Query, seen: list[int]) -> set[int]:
         blocked = set(self.lookup(q.exclude)[0])
         if q.exclude_seen:
             blocked.update(seen)   # the whole known history, not only the newest max_length
-        k = min(q.k, self.num_items - len(blocked))
-        if h is None:  # no known history: most popular items of the training data
-            picks = [int(i) for i in self.popular[:k + len(blocked)] if int(i) not in blocked][:k]
-            items = [self._item(i, None) for i in picks]
-            return Answer(items, unknown, fallback="popularity")
-        scores = self.item_vectors @ h                                        # (N+1,)
-        scores[0] = float("-inf")
-        if blocked:
-            scores[torch.tensor(sorted(blocked), device=scores.device)] = float("-inf")
-        top = torch.topk(scores, max(k, 0))
-        items = [self._item(int(i), float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
-        return Answer(items, unknown)
+        return blocked
+
+    def _top_k_batch(self, hidden: torch.Tensor, queries: list[Query], seen: list[list[int]]
+                     ) -> list[tuple[list[float], list[int]]]:
+        """One matmul against the item table and one top-k for the whole batch."""
+        scores = hidden @ self.item_vectors.T                                 # (B, N+1)
+        scores[:, 0] = float("-inf")
+        rows, cols = [], []
+        ks = []
+        for r, (q, s) in enumerate(zip(queries, seen)):
+            blocked = self._blocked(q, s)
+            rows += [r] * len(blocked)
+            cols += blocked
+            ks.append(max(0, min(q.k, self.num_items - len(blocked))))
+        if rows:
+            scores[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
+        top = torch.topk(scores, max(ks))
+        values, indices = top.values.tolist(), top.indices.tolist()
+        return [(values[r][:k], indices[r][:k]) for r, k in enumerate(ks)]
+
+    def _popular(self, q: Query, unknown: list[ItemId]) -> Answer:
+        """No known history: the most popular items of the training data."""
+        blocked = self._blocked(q, [])
+        k = max(0, min(q.k, self.num_items - len(blocked)))
+        picks = [int(i) for i in self.popular[:k + len(blocked)] if int(i) not in blocked][:k]
+        return Answer([self._item(i, None) for i in picks], unknown, fallback="popularity")
 
     def _score(self, q: Query, h: Optional[torch.Tensor], unknown: list[ItemId]) -> Answer:
         known, positions, _ = self.lookup(q.candidates or [])
