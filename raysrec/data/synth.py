@@ -42,12 +42,17 @@ _NOUNS = {name: [f"{name} {w}" for w in ("Story", "Road", "City", "Night", "Game
 
 @dataclasses.dataclass
 class SynthConfig(Config):
-    """Sizes and behaviour of the synthetic log (defaults: about MovieLens-1M scale)."""
+    """Sizes and behaviour of the synthetic log.
+
+    The defaults (1,200 users, 800 items, 200k events) are the "synthetic default" the demo and the
+    accuracy benchmark use: big enough to show the long/short-term effects, small enough to train
+    in minutes on two cores. Scale every size up for load tests.
+    """
 
     output: str = ""
-    num_users: int = 6000
-    num_items: int = 4000
-    num_events: int = 1_000_000
+    num_users: int = 1200
+    num_items: int = 800
+    num_events: int = 200_000
     num_categories: int = 20
     tastes_per_user: int = 3
     mean_session_length: float = 8.0
