@@ -100,28 +100,55 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """synth -> prepare -> train on the embedded synthetic default (the `make demo` job)."""
+    """synth -> prepare -> train -> serve -> sample request, on the embedded synthetic default (`make demo`)."""
+    import urllib.request  # noqa: PLC0415
+
     from raysrec.data.pipeline import PrepareConfig, prepare  # noqa: PLC0415
+    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
     from raysrec.data.sources import SourceConfig  # noqa: PLC0415
     from raysrec.data.synth import SynthConfig, write  # noqa: PLC0415
-    from raysrec.models.sequential import ModelConfig  # noqa: PLC0415
-    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
+    from raysrec.ray_utils import dashboard_url, ensure_ray  # noqa: PLC0415
+    from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
     from raysrec.train.config import TrainConfig  # noqa: PLC0415
     from raysrec.train.run import fit  # noqa: PLC0415
 
     root = os.path.abspath(args.output)
     ensure_ray(num_cpus=args.num_cpus)
-    print(f"[1/3] synth: {args.events:,} events -> {root}/raw", flush=True)
-    write(SynthConfig(output=f"{root}/raw", num_users=args.events // 166, num_items=max(200, args.events // 250),
-                      num_events=args.events))
-    print("[2/3] prepare (Ray Data)", flush=True)
+    synth = SynthConfig(output=f"{root}/raw")
+    print(f"[1/4] synth: {synth.num_events:,} events -> {root}/raw", flush=True)
+    write(synth)
+    print("[2/4] prepare (Ray Data)", flush=True)
     manifest = prepare(PrepareConfig(source=SourceConfig(path=f"{root}/raw"), output=f"{root}/prepared", overwrite=True))
     print(f"      {manifest['num_users']:,} users, {manifest['num_items']:,} items, {manifest['rows_kept']:,} events")
-    print("[3/3] train SASRec (Ray Train)", flush=True)
-    metrics = fit(TrainConfig(data=f"{root}/prepared", output=f"{root}/model", epochs=args.epochs, patience=3,
-                              model=ModelConfig(max_length=50)))
-    print(json.dumps({"test": metrics["test"]}, indent=2))
-    print(f"outputs: {root}/prepared (data), {root}/model (checkpoint, metrics.json, training_curve.png)")
+    print(f"[3/4] train SASRec (Ray Train, <= {args.epochs} epochs)", flush=True)
+    metrics = fit(TrainConfig(data=f"{root}/prepared", output=f"{root}/model", epochs=args.epochs, patience=3))
+    print(json.dumps({"test": {k: round(v, 4) for k, v in metrics["test"].items()}}, indent=2))
+    print(f"[4/4] serve on http://127.0.0.1:{args.port} (Ray Serve)", flush=True)
+    run(ServeConfig(model_dir=f"{root}/model", port=args.port, app_name="demo"))
+    data = PreparedData.load(f"{root}/prepared")
+    ids = data.items.set_index("item_index")["item_id"]
+    history = [int(ids[i]) if str(ids[i]).isdigit() else str(ids[i]) for i in data.read().sequence(0)[-10:]]
+    request = urllib.request.Request(f"http://127.0.0.1:{args.port}/recommend", method="POST",
+                                     data=json.dumps({"history": history, "k": 5}).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    print(f"POST /recommend {{\"history\": {history}, \"k\": 5}} ->")
+    for item in answer["items"]:
+        print(f"      {item['item_id']:>6}  {item['score']:7.3f}  {item.get('title') or ''}")
+    print(f"\noutputs: {root}/prepared (data, manifest.json), {root}/model (checkpoint, metrics.json, "
+          f"training_curve.png, history.csv)")
+    print(f"TensorBoard (tune runs): tensorboard --logdir <tune output>/ray_results;  "
+          f"Ray dashboard: {dashboard_url() or 'not running in this local Ray'}")
+    if args.keep_serving:
+        print(f"serving on http://127.0.0.1:{args.port} until Ctrl-C")
+        import time  # noqa: PLC0415
+
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -296,10 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="deploy and return (on a running cluster)")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("demo", help="synth -> prepare -> train on the embedded synthetic data")
+    p = sub.add_parser("demo", help="synth -> prepare -> train -> serve -> sample request, on the embedded synthetic data")
     p.add_argument("--output", "-o", default="runs/demo")
-    p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
     p.add_argument("--num-cpus", type=int, dest="num_cpus")
     p.set_defaults(func=_cmd_demo)
     return parser

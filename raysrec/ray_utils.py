@@ -6,6 +6,13 @@ import logging
 import os
 from typing import Optional
 
+_DASHBOARD: Optional[str] = None
+
+
+def dashboard_url() -> Optional[str]:
+    """The Ray dashboard of the Ray this process joined, when it runs one."""
+    return f"http://{_DASHBOARD}" if _DASHBOARD and not _DASHBOARD.startswith("http") else _DASHBOARD
+
 
 def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True) -> None:
     """``ray.init`` once: joins ``RAY_ADDRESS`` (set by ``ray job submit``) or starts local mode.
@@ -20,6 +27,8 @@ def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True) -> None:
     kwargs = {}
     if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
-    ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True, **kwargs)
+    global _DASHBOARD
+    context = ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True, **kwargs)
+    _DASHBOARD = getattr(context, "dashboard_url", None) or None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAYSREC_PROGRESS", "1") != "0"
