@@ -23,7 +23,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import pandas as pd
 
@@ -50,6 +50,7 @@ class SearchConfig(Config):
     reduction_factor: int = 3
     seed: int = 0
     evaluate_default: bool = True     # first trial = the base config, as a reference point
+    scheduler: Literal["asha", "fifo"] = "asha"   # fifo: every trial runs to its own early stop
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -139,7 +140,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
         searcher = OptunaSearch(metric=VALID_METRIC, mode="max", seed=cfg.seed,
                                 points_to_evaluate=[default_point] if default_point else None)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.epochs, grace_period=cfg.grace_period,
-                                  reduction_factor=cfg.reduction_factor)
+                                  reduction_factor=cfg.reduction_factor) if cfg.scheduler == "asha" else None
         tuner = tune.Tuner(
             trainable, param_space=to_tune(params),
             tune_config=tune.TuneConfig(metric=VALID_METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
