@@ -142,13 +142,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"Ray dashboard: {dashboard_url() or 'not running in this local Ray'}")
     if args.keep_serving:
         print(f"serving on http://127.0.0.1:{args.port} until Ctrl-C")
-        import time  # noqa: PLC0415
-
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        _serve_until_interrupted()
     return 0
 
 
@@ -199,18 +193,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"serving {cfg.model_dir} at {url}  (POST /recommend, POST /score, GET /model, GET /healthz)")
     print(f"try: curl -s {url}/recommend -H 'content-type: application/json' -d '{{\"history\": [], \"k\": 5}}'")
-    if args.detach:
-        return 0
+    if not args.detach:
+        _serve_until_interrupted()
+    return 0
+
+
+def _serve_until_interrupted() -> None:
+    """Keep this driver (and so a local Ray's Serve) alive until Ctrl-C, then shut Serve down."""
     import time  # noqa: PLC0415
+
+    from ray import serve  # noqa: PLC0415
 
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve  # noqa: PLC0415
-
         serve.shutdown()
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,14 +121,18 @@ class Config:
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())  # JSON is a subset of YAML
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from None
-        return cls.from_dict(data or {}, where=str(path))
+        return cls.from_dict(read_yaml(path, "config file") or {}, where=str(path))
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """Safe-load a YAML (or JSON) file; :class:`ConfigError` naming the file if missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text())  # JSON is a subset of YAML
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {exc}") from None
 
 
 def check(condition: bool, message: str) -> None:

@@ -48,7 +48,7 @@ from raysrec.data.sources import (
     resolve_source,
 )
 from raysrec.errors import InputError
-from raysrec.hashing import sha256_file
+from raysrec.files import publish_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +164,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         shutil.rmtree(stage_dir)
         manifest["seconds"] = round(time.time() - started, 3)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(out)
+        publish_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -73,14 +73,13 @@ class ServeConfig(Config):
 
 
 # ---------------------------------------------------------------- request / response models
-class RecommendRequest(BaseModel):
+class HistoryRequest(BaseModel):
+    """What every request carries: the user's history (and optionally its times)."""
+
     model_config = ConfigDict(extra="forbid")
 
     history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
                                   description="original item ids, oldest first")
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_seen: bool = True
-    exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
     timestamps: Optional[list[FiniteFloat]] = Field(
         None, max_length=MAX_HISTORY, description="unix seconds of each history item (used by longshort)")
     now: Optional[FiniteFloat] = Field(None, description="unix seconds of the request; default: server clock")
@@ -91,23 +90,18 @@ class RecommendRequest(BaseModel):
             raise ValueError(f"timestamps has {len(self.timestamps)} entries but history has {len(self.history)}")
         return self
 
+
+class RecommendRequest(HistoryRequest):
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude_seen: bool = True
+    exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
+
     def query(self) -> Query:
         return Query(self.history, self.k, self.exclude_seen, self.exclude, self.timestamps, self.now)
 
 
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
+class ScoreRequest(HistoryRequest):
     candidates: list[ItemId] = Field(..., min_length=1, max_length=MAX_HISTORY)
-    timestamps: Optional[list[FiniteFloat]] = Field(None, max_length=MAX_HISTORY)
-    now: Optional[FiniteFloat] = None
-
-    @model_validator(mode="after")
-    def _same_length(self):
-        if self.timestamps is not None and len(self.timestamps) != len(self.history):
-            raise ValueError(f"timestamps has {len(self.timestamps)} entries but history has {len(self.history)}")
-        return self
 
     def query(self) -> Query:
         return Query(self.history, 0, False, (), self.timestamps, self.now, candidates=self.candidates)

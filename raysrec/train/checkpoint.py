@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from raysrec.errors import CheckpointError
-from raysrec.hashing import sha256_file
+from raysrec.files import publish_dir, sha256_file
 from raysrec.models.sequential import SequentialRecommender, build_model
 from raysrec.train.config import TrainConfig
 
@@ -41,9 +41,7 @@ def save_checkpoint(folder: str | Path, model: SequentialRecommender, cfg: Train
             shutil.copyfile(items_file, tmp / ITEMS_FILE)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         (tmp / STATE_FILE).write_text(json.dumps({**state, "files": files}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        publish_dir(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from raysrec.train.config import VALID_METRIC, TrainConfig
+from raysrec.train.loop import format_epoch
 
 
 class RaySession:
@@ -41,8 +42,6 @@ class RaySession:
         return tensor.cpu().numpy()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
-        from raysrec.train.loop import format_epoch  # noqa: PLC0415
-
         if self.rank == 0:  # Ray Train forwards worker prints to the driver as "(RayTrainWorker pid=...)"
             print(format_epoch(metrics), flush=True)
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None

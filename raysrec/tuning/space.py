@@ -20,8 +20,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from raysrec.config import read_yaml
 from raysrec.errors import ConfigError
 from raysrec.train.config import TrainConfig
 
@@ -78,14 +77,7 @@ def parse_space(raw: dict[str, Any], where: str = "search space") -> list[Param]
 
 
 def load_space(path: str | Path) -> list[Param]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: search space file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return parse_space(raw, where=str(path))
+    return parse_space(read_yaml(path, "search space file"), where=str(path))
 
 
 def apply_overrides(base: TrainConfig, overrides: dict[str, Any], where: str = "trial") -> TrainConfig:
