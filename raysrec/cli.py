@@ -156,13 +156,17 @@ TUNE_FLAGS = {
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
-    from raysrec.tuning.search import SearchConfig, run_search  # noqa: PLC0415
+    from raysrec.tuning.search import SearchConfig, run_search, space_path  # noqa: PLC0415
+    from raysrec.tuning.space import load_space  # noqa: PLC0415
 
     if args.resume and args.output and os.path.isfile(os.path.join(args.output, "tune_config.yaml")) \
             and not args.config:
         args.config = os.path.join(args.output, "tune_config.yaml")  # resume with the original settings
     cfg = _config_from_args(SearchConfig, args, TUNE_FLAGS, args.config)
+    load_space(space_path(cfg.space))  # a bad space fails here, before Ray starts
+    PreparedData.load(cfg.data)         # so does a wrong --data
     ensure_ray(num_cpus=args.num_cpus)
     summary = run_search(cfg, resume=args.resume)
     print(json.dumps({k: summary[k] for k in ("trial_id", "params", "valid", "test", "num_trials", "wall_seconds")},

@@ -63,8 +63,10 @@ class SearchConfig(Config):
 
 def space_path(name: str) -> Path:
     """``tune/<name>.yaml`` (working directory first, then the checkout raysrec runs from) or a path."""
-    candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
-    candidates += [Path("tune") / f"{name}.yaml", REPO / "tune" / f"{name}.yaml"]
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        candidates = [Path(name)]
+    else:
+        candidates = [Path("tune") / f"{name}.yaml", REPO / "tune" / f"{name}.yaml"]
     for c in candidates:
         if c.is_file():
             return c

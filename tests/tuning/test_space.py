@@ -41,3 +41,14 @@ def test_overrides_reach_nested_fields_and_are_type_checked():
     assert cfg.model.num_layers == 3 and cfg.lr == 0.004 and cfg.model.dropout == 0.1
     with pytest.raises(ConfigError, match="multiple of"):
         apply_overrides(TrainConfig(), {"model.hidden_dim": 30, "model.num_heads": 4})
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--space", "/no/such/space.yaml"], "search space '/no/such/space.yaml' not found (tried /no/such/space.yaml)"),
+    (["--space", "nope"], "tune/nope.yaml"),
+])
+def test_tune_cli_names_a_missing_space(extra, message, tmp_path, capsys):
+    from raysrec.cli import main
+
+    assert main(["tune", "--data", str(tmp_path), "-o", str(tmp_path / "out"), *extra]) == 2
+    assert message in capsys.readouterr().err
