@@ -100,48 +100,33 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """synth -> prepare -> train -> serve -> sample request, on the embedded synthetic default (`make demo`)."""
-    import urllib.request  # noqa: PLC0415
+    """The pipeline on the embedded synthetic default (`make demo`): synth -> prepare -> train -> serve -> query."""
+    from raysrec.pipeline import PipelineConfig, run_pipeline  # noqa: PLC0415
+    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
 
-    from raysrec.data.pipeline import PrepareConfig, prepare  # noqa: PLC0415
-    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
-    from raysrec.data.sources import SourceConfig  # noqa: PLC0415
-    from raysrec.data.synth import SynthConfig, write  # noqa: PLC0415
-    from raysrec.ray_utils import dashboard_url, ensure_ray  # noqa: PLC0415
-    from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
-    from raysrec.train.config import TrainConfig  # noqa: PLC0415
-    from raysrec.train.run import fit  # noqa: PLC0415
-
-    root = os.path.abspath(args.output)
+    cfg = PipelineConfig.from_dict({"output": args.output, "train": {"epochs": args.epochs, "patience": 3},
+                                    "serve": {"port": args.port, "app_name": "demo"}})
     ensure_ray(num_cpus=args.num_cpus)
-    synth = SynthConfig(output=f"{root}/raw")
-    print(f"[1/4] synth: {synth.num_events:,} events -> {root}/raw", flush=True)
-    write(synth)
-    print("[2/4] prepare (Ray Data)", flush=True)
-    manifest = prepare(PrepareConfig(source=SourceConfig(path=f"{root}/raw"), output=f"{root}/prepared", overwrite=True))
-    print(f"      {manifest['num_users']:,} users, {manifest['num_items']:,} items, {manifest['rows_kept']:,} events")
-    print(f"[3/4] train SASRec (Ray Train, <= {args.epochs} epochs)", flush=True)
-    metrics = fit(TrainConfig(data=f"{root}/prepared", output=f"{root}/model", epochs=args.epochs, patience=3))
-    print(json.dumps({"test": {k: round(v, 4) for k, v in metrics["test"].items()}}, indent=2))
-    print(f"[4/4] serve on http://127.0.0.1:{args.port} (Ray Serve)", flush=True)
-    run(ServeConfig(model_dir=f"{root}/model", port=args.port, app_name="demo"))
-    data = PreparedData.load(f"{root}/prepared")
-    ids = data.items.set_index("item_index")["item_id"]
-    history = [int(ids[i]) if str(ids[i]).isdigit() else str(ids[i]) for i in data.read().sequence(0)[-10:]]
-    request = urllib.request.Request(f"http://127.0.0.1:{args.port}/recommend", method="POST",
-                                     data=json.dumps({"history": history, "k": 5}).encode(),
-                                     headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        answer = json.loads(response.read())
-    print(f"POST /recommend {{\"history\": {history}, \"k\": 5}} ->")
-    for item in answer["items"]:
-        print(f"      {item['item_id']:>6}  {item['score']:7.3f}  {item.get('title') or ''}")
-    print(f"\noutputs: {root}/prepared (data, manifest.json), {root}/model (checkpoint, metrics.json, "
-          f"training_curve.png, history.csv)")
-    print(f"TensorBoard (tune runs): tensorboard --logdir <tune output>/ray_results;  "
-          f"Ray dashboard: {dashboard_url() or 'not running in this local Ray'}")
+    run_pipeline(cfg)
     if args.keep_serving:
         print(f"serving on http://127.0.0.1:{args.port} until Ctrl-C")
+        _serve_until_interrupted()
+    return 0
+
+
+PIPELINE_FLAGS = {"output": "output", "storage_path": "storage_path", "stage": "stage", "deploy": "deploy"}
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from raysrec.pipeline import PipelineConfig, run_pipeline  # noqa: PLC0415
+    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
+
+    cfg = _config_from_args(PipelineConfig, args, PIPELINE_FLAGS, args.config)
+    ensure_ray(num_cpus=args.num_cpus)
+    summary = run_pipeline(cfg)
+    print(json.dumps({"seconds": summary["seconds"], "endpoint": summary.get("endpoint")}, indent=2))
+    if args.keep_serving and cfg.deploy:
+        print(f"serving on {summary['endpoint']} until Ctrl-C")
         _serve_until_interrupted()
     return 0
 
@@ -324,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, dest="num_cpus")
     p.add_argument("--detach", action="store_true", help="deploy and return (on a running cluster)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("pipeline", help="prepare -> train or tune -> export best -> deploy -> smoke query, one config")
+    p.add_argument("--config", "-c", help="PipelineConfig YAML (see jobs/pipeline.yaml); flags override it")
+    p.add_argument("--output", "-o", help="local output folder (default runs/pipeline)")
+    p.add_argument("--storage-path", dest="storage_path",
+                   help="publish data, checkpoints and best/ here too: a folder or s3://, gs://, file:// URI")
+    p.add_argument("--stage", choices=["train", "tune"], help="train one config, or search (needs a tune section)")
+    p.add_argument("--no-deploy", action="store_const", const=False, dest="deploy", help="stop after the export")
+    p.add_argument("--keep-serving", action="store_true", help="keep this driver (and a local Serve) up until Ctrl-C")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for a local Ray (ignored on a cluster)")
+    p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("demo", help="synth -> prepare -> train -> serve -> sample request, on the embedded synthetic data")
     p.add_argument("--output", "-o", default="runs/demo")

@@ -16,6 +16,7 @@ from typing import Literal, Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -63,23 +64,48 @@ class SequenceSet:
                    np.concatenate([np.asarray(s, np.int32) for s in sequences]), flat_times)
 
 
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path or any pyarrow filesystem URI (s3://, gs://, file://)."""
+    text = str(location)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except (pa.ArrowInvalid, ValueError, OSError) as exc:
+            raise InputError(f"cannot open this storage URI: {exc}", path=text) from None
+    return pafs.LocalFileSystem(), str(Path(text).resolve())
+
+
 @dataclasses.dataclass
 class PreparedData:
-    """A folder written by ``raysrec prepare``: manifest, items table and sequence shards."""
+    """A folder written by ``raysrec prepare``: manifest, items table and sequence shards.
 
-    root: Path
+    The folder may be local or on any pyarrow filesystem (``s3://bucket/prepared``), so training
+    workers on other nodes of a cluster read their shards straight from shared storage.
+    """
+
+    root: str
     manifest: dict
     items: pd.DataFrame
+    fs: pafs.FileSystem = dataclasses.field(default_factory=pafs.LocalFileSystem, repr=False)
+    path: str = ""
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
-        root = Path(root)
-        manifest_path = root / MANIFEST_FILE
-        if not manifest_path.is_file():
+        fs, path = filesystem(root)
+        manifest_path = f"{path}/{MANIFEST_FILE}"
+        if fs.get_file_info(manifest_path).type != pafs.FileType.File:
             raise InputError("not a prepared data folder (no manifest.json): run `raysrec prepare` first", path=str(root))
-        manifest = json.loads(manifest_path.read_text())
-        items = pq.read_table(root / ITEMS_FILE).to_pandas()
-        return cls(root, manifest, items)
+        with fs.open_input_stream(manifest_path) as handle:
+            manifest = json.loads(handle.read().decode())
+        items = pq.read_table(f"{path}/{ITEMS_FILE}", filesystem=fs).to_pandas()
+        return cls(str(root), manifest, items, fs, path)
+
+    def copy_file(self, name: str, dest: str | Path) -> Path:
+        """Copy one file of the folder (e.g. ``items.parquet``) to a local path."""
+        with self.fs.open_input_stream(f"{self.path}/{name}") as src, open(dest, "wb") as out:
+            while chunk := src.read(8 << 20):
+                out.write(chunk)
+        return Path(dest)
 
     @property
     def num_items(self) -> int:
@@ -89,12 +115,12 @@ class PreparedData:
     def has_timestamps(self) -> bool:
         return bool(self.manifest.get("has_timestamps", False))
 
-    def shard_files(self) -> list[Path]:
-        return [self.root / s["file"] for s in self.manifest["shards"]]
+    def shard_files(self) -> list[str]:
+        return [f"{self.path}/{s['file']}" for s in self.manifest["shards"]]
 
-    def read(self, files: Optional[list[Path]] = None) -> SequenceSet:
+    def read(self, files: Optional[list[str]] = None) -> SequenceSet:
         files = self.shard_files() if files is None else files
-        table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+        table = pa.concat_tables([pq.read_table(f, filesystem=self.fs) for f in files]) if files else None
         if table is None:
             return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0))
         return SequenceSet.from_table(table.sort_by("user_index"))

@@ -42,6 +42,7 @@ class ServeConfig(Config):
     model_dir: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"  # HeadOnly: several nodes on one host
     app_name: str = "raysrec"
     route_prefix: str = "/"
     num_replicas: int = 1
@@ -277,5 +278,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 def run(cfg: ServeConfig, blocking: bool = False):
     """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy; returns the app handle."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location=cfg.proxy_location, http_options={"host": cfg.host, "port": cfg.port})
     return serve.run(build_app(cfg.to_dict()), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=blocking)

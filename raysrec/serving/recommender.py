@@ -236,6 +236,8 @@ class Recommender:
 
 
 def version_of(state: dict[str, Any], folder: Path) -> str:
-    """A short, stable model version: the first 12 hex digits of the weights' sha256."""
+    """A short, stable model version: the model's folder name and the first 12 hex digits of the weights'
+    sha256 (``best@3f2a...``; the folder holding ``checkpoint/`` names it when there is one)."""
+    name = folder.parent.name if folder.name == "checkpoint" and folder.parent.name else folder.name
     digest = state.get("files", {}).get(ckpt.MODEL_FILE, "")
-    return f"{folder.name}@{digest[:12]}" if digest else folder.name
+    return f"{name}@{digest[:12]}" if digest else name

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raysrec.data.pipeline import ITEMS_FILE
 from raysrec.data.sequences import (
     Examples,
     PreparedData,
@@ -44,6 +45,7 @@ class Session(Protocol):
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray: ...
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None: ...
     def latest_checkpoint(self) -> Optional[Path]: ...
+    def workers(self) -> list[dict[str, Any]]: ...
 
 
 def unwrap(model: nn.Module) -> SequentialRecommender:
@@ -146,6 +148,9 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         model.load_state_dict(core.state_dict())
         ckpt.load_optimizer_state(resume, optimizer)
         state = {k: saved[k] for k in state}
+    # Where every worker runs (node, host, pid, device), kept in the checkpoint state and in
+    # metrics.json; a restart after a failure appends the new placement.
+    state["workers"] = session.workers()
     model = session.wrap_model(model)
 
     log_q = None
@@ -155,8 +160,8 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
         log_q = (pop / pop.sum()).log().float().to(device)
     my_steps = math.ceil(len(train_ex) / world / cfg.batch_size)
     steps = int(session.all_reduce_sum(np.array([0.0] * session.rank + [my_steps] + [0.0] * (session.world_size - session.rank - 1))).max())
-    items_file = data.root / "items.parquet"
     scratch = Path(tempfile.mkdtemp(prefix="raysrec-ckpt-"))
+    items_file = data.copy_file(ITEMS_FILE, scratch / ITEMS_FILE)
     generator = torch.Generator(device=device.type).manual_seed(cfg.seed * 7919 + session.rank)
 
     for epoch in range(state["epoch"], cfg.epochs):
@@ -245,6 +250,18 @@ class LocalSession:
 
     def latest_checkpoint(self) -> Optional[Path]:
         return self.resume_from
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [worker_info(0, self.device)]
+
+
+def worker_info(rank: int, device: torch.device, node_id: Optional[str] = None) -> dict[str, Any]:
+    """Where one training worker runs."""
+    import os  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    return {"rank": rank, "node_id": node_id, "hostname": socket.gethostname(), "pid": os.getpid(),
+            "device": str(device)}
 
 
 def format_epoch(m: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from raysrec.train.config import VALID_METRIC, TrainConfig
-from raysrec.train.loop import format_epoch
+from raysrec.train.loop import format_epoch, worker_info
 
 
 class RaySession:
@@ -46,6 +46,17 @@ class RaySession:
             print(format_epoch(metrics), flush=True)
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every worker's placement (node id, host, pid, device), gathered on all ranks."""
+        import ray  # noqa: PLC0415
+
+        mine = worker_info(self.rank, self.device, ray.get_runtime_context().get_node_id())
+        if self.world_size == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        return sorted(gathered, key=lambda w: w["rank"])
 
     def latest_checkpoint(self) -> Optional[Path]:
         checkpoint = self._train.get_checkpoint()
@@ -91,13 +102,13 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks:
     )
 
 
-def run_history(result) -> list[dict[str, Any]]:
-    """Every epoch's metrics, from the state of the latest checkpoint (Ray keeps only a few rows)."""
+def run_state(result) -> dict[str, Any]:
+    """The training state of the latest checkpoint: every epoch's metrics (Ray keeps only a few
+    rows) and where the workers ran."""
     if result.checkpoint is None:
-        return []
+        return {}
     with result.checkpoint.as_directory() as folder:  # downloads when storage is remote (s3://, gs://)
-        state = json.loads((Path(folder) / "state.json").read_text())
-    return list(state.get("history", []))
+        return json.loads((Path(folder) / "state.json").read_text())
 
 
 def best_checkpoint(result):

@@ -29,18 +29,19 @@ def fit(cfg: TrainConfig, use_ray: bool = True) -> dict[str, Any]:
     cfg.save(out / "train_config.yaml")
     started = time.time()
     if use_ray:
-        from raysrec.train.ray_train import best_checkpoint, build_trainer, run_history  # noqa: PLC0415
+        from raysrec.train.ray_train import best_checkpoint, build_trainer, run_state  # noqa: PLC0415
 
         storage = cfg.storage_path or str(out / "ray_results")
         result = build_trainer(cfg, run_name="train", storage_path=storage).fit()
-        history = run_history(result)
+        state = run_state(result)
+        history, workers = list(state.get("history", [])), list(state.get("workers", []))
         if (out / CHECKPOINT_DIR).exists():
             shutil.rmtree(out / CHECKPOINT_DIR)
         best_checkpoint(result).to_directory(str(out / CHECKPOINT_DIR))
     else:
         session = LocalSession(out / CHECKPOINT_DIR)
-        train_loop(cfg, session)
-        history = session.history
+        state = train_loop(cfg, session)
+        history, workers = session.history, list(state.get("workers", []))
     train_seconds = time.time() - started
     device = "cuda" if cfg.use_gpu else "cpu"
     valid = evaluate_checkpoint(cfg.data, out / CHECKPOINT_DIR, split="valid", device=device)
@@ -52,6 +53,7 @@ def fit(cfg: TrainConfig, use_ray: bool = True) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2),
         "examples_per_second": round(float(pd.Series([r["examples_per_second"] for r in history]).median()), 1),
         "model": cfg.model.name, "loss": cfg.loss, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
+        "workers": workers,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)

@@ -57,7 +57,7 @@ def test_recommend_shapes_ids_and_titles(endpoint, test_users, catalogue):
         assert item["title"] == known[item["item_id"]]
     scores = [item["score"] for item in body["items"]]
     assert scores == sorted(scores, reverse=True)
-    assert body["model"].startswith("checkpoint@")
+    assert body["model"].startswith("model@")  # the training output folder, then the weights digest
 
 
 def test_seen_items_and_explicit_exclusions_are_left_out(endpoint, test_users):

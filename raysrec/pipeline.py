@@ -1,0 +1,265 @@
+"""``raysrec pipeline``: raw log -> prepare -> train (or tune) -> export best -> deploy -> smoke query.
+
+One typed config (:class:`PipelineConfig`) holds every stage's config. Paths the stages pass to
+each other are derived from ``output`` unless the file sets them::
+
+    <output>/raw/         synthetic log (only when no source is given)
+    <output>/prepared/    raysrec prepare
+    <output>/model/       raysrec train   (stage: train)
+    <output>/tune/        raysrec tune    (stage: tune)
+    <output>/best/        the exported winner: checkpoint/, train_config.yaml, metrics.json
+    <output>/pipeline.json  what ran, how long each stage took, where the workers ran, the endpoint
+
+With ``storage_path`` (a local folder or any pyarrow filesystem URI: ``s3://``, ``gs://``,
+``file://``) the prepared data is published there before training, so workers on every node read
+their shards from shared storage, Ray Train keeps its checkpoints there, and ``best/`` and
+``pipeline.json`` are published there at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from raysrec.config import Config, check
+from raysrec.data.pipeline import PrepareConfig
+from raysrec.data.synth import SynthConfig
+from raysrec.errors import RaysrecError
+from raysrec.serving.app import ServeConfig
+from raysrec.train.config import TrainConfig
+from raysrec.tuning.search import SearchConfig
+
+SUMMARY_FILE = "pipeline.json"
+
+
+class PipelineError(RaysrecError):
+    """A pipeline stage finished but its result is unusable (e.g. the endpoint does not answer)."""
+
+
+@dataclasses.dataclass
+class PipelineConfig(Config):
+    """The whole chain in one file; every sub-config is the stage's own (same fields as its CLI)."""
+
+    output: str = "runs/pipeline"
+    storage_path: Optional[str] = None
+    synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)  # generated when no prepare.source.path
+    prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
+    stage: Literal["train", "tune"] = "train"
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tune: Optional[SearchConfig] = None   # its ``train`` (the trials' base) defaults to the section above
+    deploy: bool = True
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
+    smoke_k: int = 5
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: Optional[str] = None) -> PipelineConfig:
+        """Fill the paths the stages pass to each other from ``output`` before the stages validate."""
+        if not isinstance(data, dict):
+            return super().from_dict(data, where)  # raises the usual "expected a mapping" error
+        data = copy.deepcopy(data)
+        root = str(Path(data.get("output") or cls.output).resolve())  # Ray workers do not share our cwd
+        derived = {"synth": {"output": f"{root}/raw"}, "prepare": {"output": f"{root}/prepared"},
+                   "train": {"data": f"{root}/prepared", "output": f"{root}/model"},
+                   "serve": {"model_dir": f"{root}/best"}}
+        if data.get("tune") is not None or data.get("stage") == "tune":
+            derived["tune"] = {"data": f"{root}/prepared", "output": f"{root}/tune"}
+        for section, paths in derived.items():
+            if data.get(section) is None:
+                data[section] = {}
+            node = data[section]
+            if isinstance(node, dict):
+                for key, value in paths.items():
+                    if not node.get(key):
+                        node[key] = value
+        if isinstance(data["prepare"], dict):
+            source = data["prepare"].setdefault("source", {})
+            if isinstance(source, dict) and not source.get("path") and isinstance(data["synth"], dict):
+                source["path"] = data["synth"]["output"]   # no source: the synthetic log is generated
+        if isinstance(data.get("tune"), dict) and isinstance(data["train"], dict):
+            data["tune"].setdefault("train", data["train"])
+        return super().from_dict(data, where)
+
+    def resolved(self) -> PipelineConfig:
+        """This config with the derived paths filled in (for configs built in Python)."""
+        return type(self).from_dict(self.to_dict())
+
+    def validate(self) -> None:
+        check(self.output != "", "pipeline.output is required")
+        check(self.stage != "tune" or self.tune is not None, "pipeline.stage is tune but there is no tune section")
+        check(self.smoke_k >= 1, "pipeline.smoke_k must be >= 1")
+
+    @property
+    def root(self) -> Path:
+        return Path(self.output).resolve()
+
+
+def _storage(cfg: PipelineConfig, name: str) -> Optional[str]:
+    return f"{cfg.storage_path.rstrip('/')}/{name}" if cfg.storage_path else None
+
+
+def publish(local: str | Path, target: str) -> str:
+    """Copy a finished local folder to ``target`` (local path or pyarrow URI), replacing what was there."""
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
+    from raysrec.data.sequences import filesystem  # noqa: PLC0415
+
+    fs, path = filesystem(target)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return target
+
+
+def sample_history(prepared: str | Path, user: int = 0, n: int = 10) -> list[Any]:
+    """The last ``n`` items (original ids) of one user of a prepared folder: a realistic request."""
+    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
+
+    data = PreparedData.load(prepared)
+    ids = data.items.set_index("item_index")["item_id"]
+    history = data.read(data.shard_files()[:1]).sequence(user)[-n:]
+    return [ids[i].item() if hasattr(ids[i], "item") else ids[i] for i in history]
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def export_best(source: Path, dest: Path) -> Path:
+    """``dest`` = the served folder: ``checkpoint/``, ``train_config.yaml`` and ``metrics.json``."""
+    from raysrec.files import publish_dir  # noqa: PLC0415
+    from raysrec.serving.recommender import resolve_model_dir  # noqa: PLC0415
+
+    checkpoint = resolve_model_dir(source)
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp / "checkpoint")
+    for name in ("train_config.yaml", "metrics.json", "training_curve.png", "history.csv"):
+        for folder in (source, checkpoint.parent):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / name)
+                break
+    publish_dir(tmp, dest)
+    return dest
+
+
+def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
+    """Run every stage in order; returns (and writes to ``pipeline.json``) what happened."""
+    from raysrec.data.pipeline import prepare  # noqa: PLC0415
+    from raysrec.data.synth import write  # noqa: PLC0415
+    from raysrec.ray_utils import dashboard_url  # noqa: PLC0415
+
+    cfg = cfg.resolved()
+    root = cfg.root
+    root.mkdir(parents=True, exist_ok=True)
+    cfg.save(root / "pipeline_config.yaml")
+    summary: dict[str, Any] = {"output": str(root), "storage_path": cfg.storage_path, "stage": cfg.stage,
+                               "seconds": {}}
+    steps = 5 if cfg.deploy else 3
+    started = time.time()
+
+    def step(n: int, text: str) -> float:
+        log(f"[{n}/{steps}] {text}", flush=True)
+        return time.time()
+
+    # 1. data
+    t = step(1, "prepare (Ray Data)")
+    prep = cfg.prepare.replace(overwrite=True)  # the pipeline owns its prepared folder
+    if prep.source.path == cfg.synth.output:
+        write(cfg.synth)
+        log(f"      synthetic log: {cfg.synth.num_events:,} events -> {cfg.synth.output}")
+    manifest = prepare(prep)
+    log(f"      {manifest['num_users']:,} users, {manifest['num_items']:,} items, {manifest['rows_kept']:,} events kept "
+        f"of {manifest['rows_read']:,} read")
+    data_location = prep.output
+    if cfg.storage_path:
+        data_location = publish(prep.output, _storage(cfg, "prepared"))
+        log(f"      published to {data_location}")
+    summary["data"] = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items")}
+    summary["seconds"]["prepare"] = round(time.time() - t, 1)
+
+    # 2. train or tune
+    if cfg.stage == "train":
+        from raysrec.train.run import fit  # noqa: PLC0415
+
+        train = cfg.train.replace(data=data_location,
+                                  storage_path=cfg.train.storage_path or _storage(cfg, "ray_results"))
+        t = step(2, f"train {train.model.name} (Ray Train, {train.num_workers} worker(s), <= {train.epochs} epochs)")
+        metrics = fit(train)
+        model_dir = Path(train.output).resolve()
+        summary["train"] = {"test": metrics["test"], "epochs": metrics["epochs"],
+                            "examples_per_second": metrics["examples_per_second"], "workers": metrics["workers"]}
+        summary["seconds"]["train"] = round(time.time() - t, 1)
+    else:
+        from raysrec.tuning.search import run_search  # noqa: PLC0415
+
+        assert cfg.tune is not None
+        search = cfg.tune.replace(data=data_location)
+        t = step(2, f"tune ({search.num_samples} trials, Ray Tune + Optuna)")
+        result = run_search(search)
+        model_dir = Path(search.output).resolve() / "best"
+        summary["tune"] = {k: result[k] for k in ("trial_id", "params", "valid", "test", "num_trials")}
+        summary["seconds"]["tune"] = round(time.time() - t, 1)
+
+    # 3. export
+    t = step(3, "export the best model")
+    best = export_best(model_dir, Path(cfg.serve.model_dir).resolve())
+    summary["best"] = str(best)
+    if cfg.storage_path:
+        summary["best_published"] = publish(best, _storage(cfg, "best"))
+    log(f"      {best}" + (f" -> {summary['best_published']}" if cfg.storage_path else ""))
+    summary["seconds"]["export"] = round(time.time() - t, 1)
+
+    # 4-5. deploy and smoke-query
+    if cfg.deploy:
+        from raysrec.serving.app import run  # noqa: PLC0415
+
+        serve_cfg = cfg.serve.replace(model_dir=str(best))
+        url = f"http://{serve_cfg.host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"
+        t = step(4, f"deploy on Ray Serve at {url}")
+        run(serve_cfg)
+        summary["endpoint"] = url
+        summary["seconds"]["deploy"] = round(time.time() - t, 1)
+        t = step(5, "smoke query")
+        history = sample_history(prep.output)
+        body = {"history": history, "k": cfg.smoke_k}
+        try:
+            answer = post_json(f"{url}/recommend", body)
+        except (urllib.error.URLError, OSError) as exc:
+            raise PipelineError(f"the endpoint {url} did not answer POST /recommend: {exc}") from None
+        if len(answer.get("items", [])) != cfg.smoke_k:
+            raise PipelineError(f"POST {url}/recommend returned {answer!r}; expected {cfg.smoke_k} items")
+        summary["smoke"] = {"request": body, "answer": answer}
+        log(f"      POST {url}/recommend {json.dumps(body)} ->")
+        for item in answer["items"]:
+            log(f"      {item['item_id']:>8}  {item['score']:8.3f}  {item.get('title') or ''}")
+        summary["seconds"]["smoke"] = round(time.time() - t, 1)
+
+    summary["seconds"]["total"] = round(time.time() - started, 1)
+    summary["dashboard"] = dashboard_url()
+    (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    if cfg.storage_path:
+        from raysrec.data.sequences import filesystem  # noqa: PLC0415
+
+        fs, path = filesystem(_storage(cfg, SUMMARY_FILE))
+        with fs.open_output_stream(path) as handle:
+            handle.write(json.dumps(summary, indent=2, default=str).encode())
+    log(f"\noutputs: {root}  (prepared/, {'model' if cfg.stage == 'train' else 'tune'}/, best/, {SUMMARY_FILE})"
+        + (f"; published to {cfg.storage_path}" if cfg.storage_path else ""))
+    if cfg.stage == "train":
+        log(f"training curve: {model_dir}/training_curve.png")
+    else:
+        log(f"tune report: {model_dir.parent}/report.png;  "
+            f"TensorBoard: tensorboard --logdir {model_dir.parent}/ray_results")
+    log(f"Ray dashboard: {summary['dashboard'] or 'not available in this Ray'}")
+    return summary
