@@ -4,7 +4,7 @@ One run: builds a checkpoint with a catalogue of ``--items`` (default 20,000) it
 SASRec architecture; the weights are freshly initialised because latency does not depend on
 their values), deploys it on a local Ray Serve on 127.0.0.1, and for each mode (``@serve.batch``
 on, then off: the same deployment with ``batching: false``) and each concurrency runs a
-closed-loop load generator *in its own process* (aiohttp; C clients each send a request, wait
+closed-loop load generator *in its own process* (:mod:`raysrec.serving.loadgen`, aiohttp; C clients each send a request, wait
 for the answer, send the next). Every level is bounded by ``--requests`` and ``--seconds``.
 
     python bench/serve_load.py [--items 20000] [--concurrency 1 16 64] [--requests 3000] [--seconds 30]
@@ -13,65 +13,11 @@ for the answer, send the next). Every level is bounded by ``--requests`` and ``-
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-# ------------------------------------------------------------------ load generator (own process)
-async def _client_main(url: str, ids: list[int], concurrency: int, total: int, seconds: float, seed: int) -> dict:
-    import aiohttp  # noqa: PLC0415
-
-    rng = np.random.default_rng(seed)
-    latencies: list[float] = []
-    failures = 0
-    sent = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker(session):
-        nonlocal sent, failures
-        while sent < total and time.perf_counter() < deadline:
-            sent += 1
-            history = rng.choice(ids, size=int(rng.integers(5, 51))).tolist()
-            started = time.perf_counter()
-            try:
-                async with session.post(f"{url}/recommend", json={"history": history, "k": 10}) as r:
-                    await r.read()
-                    if r.status != 200:
-                        failures += 1
-                        continue
-            except aiohttp.ClientError:
-                failures += 1
-                continue
-            latencies.append(time.perf_counter() - started)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    lat = np.asarray(latencies) * 1000
-    return {"concurrency": concurrency, "ok": len(latencies), "failed": failures, "seconds": wall,
-            "qps": len(latencies) / wall,
-            **{f"p{q}": float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 95, 99)}}
-
-
-def load(url: str, ids: list[int], concurrency: int, total: int, seconds: float) -> dict:
-    """Run the generator in a separate Python process and return its JSON summary."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(ids, f)
-    out = subprocess.run([sys.executable, __file__, "--client", url, f.name, str(concurrency), str(total), str(seconds)],
-                         check=True, capture_output=True, text=True)
-    os.unlink(f.name)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ setup
@@ -110,6 +56,7 @@ def main() -> None:
     import ray  # noqa: PLC0415
     from ray import serve  # noqa: PLC0415
 
+    from raysrec.serving import loadgen  # noqa: PLC0415
     from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="raysrec-bench-serve-"))
@@ -123,9 +70,9 @@ def main() -> None:
                           max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
                           access_log=False, app_name="bench")
         run(cfg)
-        load(url, ids, 4, 200, 10)                                     # warm-up
+        loadgen.run(url, ids, 4, 200, 10)                              # warm-up
         for c in args.concurrency:
-            results[(mode, c)] = r = load(url, ids, c, args.requests, args.seconds)
+            results[(mode, c)] = r = loadgen.run(url, ids, c, args.requests, args.seconds)
             print(f"{mode:>9}  c={c:<3} {r['qps']:8.1f} qps  p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  "
                   f"p99 {r['p99']:6.1f} ms  ok {r['ok']}  failed {r['failed']}", flush=True)
         serve.delete(cfg.app_name)
@@ -145,9 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        _, _, url, ids_file, c, n, s = sys.argv
-        summary = asyncio.run(_client_main(url, json.loads(Path(ids_file).read_text()), int(c), int(n), float(s), 0))
-        print(json.dumps(summary))
-    else:
-        main()
+    main()
