@@ -136,7 +136,7 @@ TUNE_FLAGS = {
     "max_concurrent": "max_concurrent", "epochs": "epochs", "grace_period": "grace_period", "seed": "seed",
     "model": "train.model.name", "loss": "train.loss", "num_workers": "train.num_workers",
     "cpus_per_worker": "train.cpus_per_worker", "gpus_per_worker": "train.gpus_per_worker",
-    "use_gpu": "train.use_gpu", "patience": "train.patience",
+    "use_gpu": "train.use_gpu", "patience": "train.patience", "refit_epochs": "refit_epochs",
 }
 
 
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, dest="cpus_per_worker")
     p.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker", help="fractions share a GPU")
     p.add_argument("--use-gpu", action="store_const", const=True, dest="use_gpu")
+    p.add_argument("--refit-epochs", type=int, dest="refit_epochs",
+                   help="retrain the winner for up to N epochs (early stopping) and export that model")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
     p.add_argument("--config", help="SearchConfig YAML; flags override it")
     p.add_argument("--num-cpus", type=int, dest="num_cpus")

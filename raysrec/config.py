@@ -90,18 +90,21 @@ class Config:
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], where: str | None = None) -> C:
         where = where or cls.__name__
+        label = where.rstrip(":")
         if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+            raise ConfigError(f"{label}: expected a mapping, got {type(data).__name__}")
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(names)}")
-        kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+            raise ConfigError(f"{label}: unknown field(s) {unknown}; known fields: {sorted(names)}")
+        # A file's fields read "FILE: train.lr"; a class's "TrainConfig.lr".
+        prefix = f"{where[:-1]}: " if where.endswith(":") else f"{where}."
+        kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
         try:
             obj = cls(**kwargs)
         except TypeError as exc:  # a required field is missing
-            raise ConfigError(f"{where}: {exc}") from None
+            raise ConfigError(f"{label}: {exc}") from None
         obj.validate()
         return obj
 
@@ -121,7 +124,7 @@ class Config:
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
-        return cls.from_dict(read_yaml(path, "config file") or {}, where=str(path))
+        return cls.from_dict(read_yaml(path, "config file") or {}, where=f"{path}:")
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 import uuid
@@ -179,7 +180,10 @@ def _unwrap(exc: BaseException) -> BaseException:
             return seen
         cause = getattr(seen, "cause", None)
         seen = cause if isinstance(cause, BaseException) else seen.__cause__
-    return exc
+    # Ray Data re-raises a UDF's error as UserCodeException, and the original does not always survive
+    # pickling across processes; its one-line message is still in the task's traceback text.
+    found = re.findall(r"raysrec\.errors\.InputError: ([^\n]+)", str(exc))
+    return InputError(found[-1]) if found else exc
 
 
 def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path, ray) -> dict[str, Any]:

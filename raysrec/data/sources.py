@@ -139,6 +139,10 @@ class ResolvedSource:
 # Resolution (driver side, cheap: looks at names and at most one header line)
 # ----------------------------------------------------------------------------------------------
 
+MAX_ID_LENGTH = 512  # characters; longer "ids" are broken lines or a wrong separator, not ids
+MAX_LINE_BYTES = 64 << 10  # an interaction line is a few fields; a longer one is a broken file
+
+
 def _require_file(path: Path, what: str) -> None:
     if not path.exists():
         raise InputError(f"{what} not found", path=str(path))
@@ -151,6 +155,11 @@ def _read_header(path: Path, encoding: str) -> str:
         raw = handle.readline(1 << 20)
     if not raw.strip():
         raise InputError("the file is empty; expected a header line naming the columns", path=str(path), line=1)
+    if b"\x00" in raw:
+        raise InputError("binary data (NUL bytes) where a header line naming the columns was expected",
+                         path=str(path), line=1)
+    if not raw.endswith(b"\n") and len(raw) >= 1 << 20:
+        raise InputError("no line break in the first 1 MiB: not a line-based text file", path=str(path), line=1)
     try:
         return raw.decode(encoding).rstrip("\r\n")
     except UnicodeDecodeError:
@@ -254,6 +263,10 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
         header = _read_header(Path(files[0]), cfg.encoding)
         fields = next(csv.reader([header], delimiter=sep)) if len(sep) == 1 else header.split(sep)
         fields = [f.strip() for f in fields]
+        repeated = sorted({f for f in fields if fields.count(f) > 1})
+        if repeated:
+            raise InputError(f"the header names column(s) {repeated} more than once: {header[:200]!r}",
+                             path=files[0], line=1)
         for other in files[1:]:
             if _read_header(Path(other), cfg.encoding) != header:
                 raise InputError(f"header differs from the first file's {header!r}", path=other, line=1)
@@ -436,8 +449,12 @@ def _fast_parse(source: ResolvedSource, data: bytes, expected_rows: int) -> Opti
     cols = {role: table.column(name) for role, name in source.roles.items()}
     for role in ("user", "item"):
         col = cols[role]
-        if col.null_count or (source.id_kind == "str" and pc.any(pc.equal(pc.utf8_length(col), 0)).as_py()):
+        if col.null_count:
             return None
+        if source.id_kind == "str":
+            lengths = pc.utf8_length(col)
+            if pc.any(pc.equal(lengths, 0)).as_py() or pc.max(lengths).as_py() > MAX_ID_LENGTH:
+                return None
     if source.has_timestamp:
         ts = cols["timestamp"]
         if ts.null_count or not pc.all(pc.greater_equal(ts, 0)).as_py() or pc.any(pc.is_inf(ts)).as_py():
@@ -530,6 +547,9 @@ class _Bad:
 
 def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
     """Parsed ``(user, item, timestamp, rating)``, ``None`` for a blank line, or a :class:`_Bad`."""
+    if len(raw) > MAX_LINE_BYTES:
+        return _Bad(None, f"a line of {len(raw):,} bytes (at most {MAX_LINE_BYTES:,} for one interaction): "
+                          f"a missing line break or a broken file? starts {raw[:40]!r}")
     try:
         text = raw.decode(source.encoding).rstrip("\r")
     except UnicodeDecodeError:
@@ -538,7 +558,10 @@ def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
         return None
     if "\x00" in text:
         return _Bad(None, "contains NUL bytes: binary data, expected text lines")
-    fields = _split_fields(source, text)
+    try:
+        fields = _split_fields(source, text)
+    except csv.Error as exc:
+        return _Bad(None, f"cannot split the line into fields ({exc}): {text[:80]!r}")
     if len(fields) != len(source.fields):
         return _Bad(None, f"expected {len(source.fields)} fields ({', '.join(source.fields)}) separated by "
                           f"{source.describe_sep()}, found {len(fields)}: {text[:80]!r}")
@@ -548,6 +571,9 @@ def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
         if role in ("user", "item"):
             if not value:
                 return _Bad(name, f"expected a non-empty {role} id")
+            if len(value) > MAX_ID_LENGTH:
+                return _Bad(name, f"a {role} id of {len(value):,} characters (at most {MAX_ID_LENGTH}): "
+                                  f"a broken line or a wrong separator? {value[:40]!r}...")
             if source.id_kind == "int":
                 try:
                     values[role] = int(value)

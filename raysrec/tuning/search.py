@@ -51,6 +51,9 @@ class SearchConfig(Config):
     seed: int = 0
     evaluate_default: bool = True     # first trial = the base config, as a reference point
     scheduler: Literal["asha", "fifo"] = "asha"   # fifo: every trial runs to its own early stop
+    # Train the winning parameters again for up to this many epochs (early stopping as in ``train``) and
+    # export that model: trials are cut to ``epochs`` to compare many configs, the final model is not.
+    refit_epochs: Optional[int] = None
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -59,6 +62,7 @@ class SearchConfig(Config):
         check(self.epochs >= 1 and 1 <= self.grace_period <= self.epochs, "tune: need 1 <= grace_period <= epochs")
         check(self.reduction_factor >= 2, "tune.reduction_factor must be >= 2")
         check(self.max_concurrent is None or self.max_concurrent >= 1, "tune.max_concurrent must be >= 1")
+        check(self.refit_epochs is None or self.refit_epochs >= 1, "tune.refit_epochs must be >= 1")
 
 
 def space_path(name: str) -> Path:
@@ -154,6 +158,31 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
               f"space {space_file}; TensorBoard: tensorboard --logdir {storage}")
     grid = tuner.fit()
     summary = export(grid, params, cfg, out, wall_seconds=time.time() - started)
+    if cfg.refit_epochs:
+        summary = refit(cfg, base, summary, out)
+    return summary
+
+
+def refit(cfg: SearchConfig, base: TrainConfig, summary: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Train the best trial's parameters to convergence and make that model ``best/``.
+
+    ``best/metrics.json`` keeps the search trial's figures under ``search``; ``valid``/``test`` are the
+    refitted model's, which is what gets served.
+    """
+    from raysrec.train.run import fit  # noqa: PLC0415
+
+    refit_cfg = apply_overrides(base, summary["params"], where="refit").replace(
+        epochs=cfg.refit_epochs, output=str(out / "refit"))
+    print(f"refit: the best parameters {summary['params']} for <= {cfg.refit_epochs} epochs", flush=True)
+    metrics = fit(refit_cfg)
+    best_dir = out / "best"
+    shutil.rmtree(best_dir / "checkpoint")
+    shutil.copytree(out / "refit" / "checkpoint", best_dir / "checkpoint")
+    refit_cfg.save(best_dir / "train_config.yaml")
+    search = {k: summary[k] for k in ("valid", "test", "best_epoch")}
+    summary = {**summary, "valid": metrics["valid"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
+               "refit": {"epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"]}, "search": search}
+    (best_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

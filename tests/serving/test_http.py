@@ -119,6 +119,18 @@ BAD_REQUESTS = [
     ("/score", b'{"history": [1]}', 422, "candidates"),
     ("/score", b'{"history": [1], "candidates": []}', 422, "candidates"),
     ("/recommend", json.dumps({"history": list(range(20_000))}).encode(), 413, "limit"),
+    ("/recommend", json.dumps({"history": list(range(100_000))}).encode(), 413, "limit"),
+    ("/recommend", b"", 422, "JSON"),
+    ("/recommend", b"\xff\xfe\x00\x01 garbage", 422, "JSON"),
+    ("/recommend", b'{"history": [1], "k": "ten"}', 422, "k"),
+    ("/recommend", b'{"history": [1], "k": -3}', 422, "k"),
+    ("/recommend", b'{"history": [1], "exclude": 5}', 422, "exclude"),
+    ("/recommend", b'{"history": [1], "exclude_seen": "maybe"}', 422, "exclude_seen"),
+    ("/recommend", b'{"history": [1e400]}', 422, "history"),
+    ("/recommend", b'{"history": [{"id": 1}]}', 422, "history"),
+    ("/score", b'{"history": [1], "candidates": [1, null]}', 422, "candidates"),
+    ("/score", b'{"history": [1], "candidates": [1], "now": "yesterday"}', 422, "now"),
+    ("/score", b'{"candidates": [1], "history": [1], "timestamps": [-Infinity]}', 422, "timestamps"),
 ]
 
 
