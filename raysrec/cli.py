@@ -114,6 +114,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    """Print a stage's config with every field at its default: the reference, and a file to start from."""
+    import yaml  # noqa: PLC0415
+
+    from raysrec.data.pipeline import PrepareConfig  # noqa: PLC0415
+    from raysrec.data.synth import SynthConfig  # noqa: PLC0415
+    from raysrec.pipeline import PipelineConfig  # noqa: PLC0415
+    from raysrec.serving.app import ServeConfig  # noqa: PLC0415
+    from raysrec.train.config import TrainConfig  # noqa: PLC0415
+    from raysrec.tuning.search import SearchConfig  # noqa: PLC0415
+
+    configs = {"pipeline": PipelineConfig, "synth": SynthConfig, "prepare": PrepareConfig, "train": TrainConfig,
+               "tune": SearchConfig, "serve": ServeConfig}
+    cfg = configs[args.stage]()
+    if args.stage == "pipeline":
+        cfg = cfg.replace(tune=SearchConfig().to_dict() | {"data": "x", "output": "x"}).resolved()
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
 PIPELINE_FLAGS = {"output": "output", "storage_path": "storage_path", "stage": "stage", "deploy": "deploy"}
 
 
@@ -322,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-serving", action="store_true", help="keep this driver (and a local Serve) up until Ctrl-C")
     p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for a local Ray (ignored on a cluster)")
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("config", help="print a stage's config with all defaults (a reference and a starting file)")
+    p.add_argument("stage", choices=["pipeline", "synth", "prepare", "train", "tune", "serve"])
+    p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("demo", help="synth -> prepare -> train -> serve -> sample request, on the embedded synthetic data")
     p.add_argument("--output", "-o", default="runs/demo")

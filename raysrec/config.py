@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -117,14 +118,36 @@ class Config:
         return type(self).from_dict(merged)
 
     def save(self, path: str | Path) -> None:
+        """Write the config (credentials inside URIs redacted: saved configs travel with the outputs)."""
         path = Path(path)
-        text = (json.dumps(self.to_dict(), indent=2) if path.suffix == ".json"
-                else yaml.safe_dump(self.to_dict(), sort_keys=False))
+        data = _redact_tree(self.to_dict())
+        text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
         path.write_text(text)
 
     @classmethod
     def load(cls: type[C], path: str | Path) -> C:
         return cls.from_dict(read_yaml(path, "config file") or {}, where=f"{path}:")
+
+
+_SECRET_QUERY = re.compile(r"(?i)([?&][^=&#]*(?:key|secret|token|password|passwd|credential|signature|sig)[^=&#]*=)[^&#]*")
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]+@")
+
+
+def redact(text: str) -> str:
+    """``text`` with credentials inside URIs replaced by ``***``: user:password@ and secret-looking
+    query parameters (``s3://bucket?access_key=..&secret_key=..``). Everything raysrec prints or
+    writes about a storage location goes through this."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def _redact_tree(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value) if "://" in value else value
+    if isinstance(value, dict):
+        return {k: _redact_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_tree(v) for v in value]
+    return value
 
 
 def read_yaml(path: str | Path, what: str) -> Any:

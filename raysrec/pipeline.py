@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from raysrec.config import Config, check
+from raysrec.config import Config, check, redact
 from raysrec.data.pipeline import PrepareConfig
 from raysrec.data.synth import SynthConfig
 from raysrec.errors import RaysrecError
@@ -163,7 +163,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
     cfg.save(root / "pipeline_config.yaml")
-    summary: dict[str, Any] = {"output": str(root), "storage_path": cfg.storage_path, "stage": cfg.stage,
+    summary: dict[str, Any] = {"output": str(root), "storage_path": redact(cfg.storage_path or "") or None,
+                               "stage": cfg.stage,
                                "seconds": {}}
     steps = 5 if cfg.deploy else 3
     started = time.time()
@@ -184,7 +185,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     data_location = prep.output
     if cfg.storage_path:
         data_location = publish(prep.output, _storage(cfg, "prepared"))
-        log(f"      published to {data_location}")
+        log(f"      published to {redact(data_location)}")
     summary["data"] = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items")}
     summary["seconds"]["prepare"] = round(time.time() - t, 1)
 
@@ -216,7 +217,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     best = export_best(model_dir, Path(cfg.serve.model_dir).resolve())
     summary["best"] = str(best)
     if cfg.storage_path:
-        summary["best_published"] = publish(best, _storage(cfg, "best"))
+        summary["best_published"] = redact(publish(best, _storage(cfg, "best")))
     log(f"      {best}" + (f" -> {summary['best_published']}" if cfg.storage_path else ""))
     summary["seconds"]["export"] = round(time.time() - t, 1)
 
@@ -255,7 +256,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
         with fs.open_output_stream(path) as handle:
             handle.write(json.dumps(summary, indent=2, default=str).encode())
     log(f"\noutputs: {root}  (prepared/, {'model' if cfg.stage == 'train' else 'tune'}/, best/, {SUMMARY_FILE})"
-        + (f"; published to {cfg.storage_path}" if cfg.storage_path else ""))
+        + (f"; published to {redact(cfg.storage_path)}" if cfg.storage_path else ""))
     if cfg.stage == "train":
         log(f"training curve: {model_dir}/training_curve.png")
     else:

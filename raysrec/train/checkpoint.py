@@ -10,6 +10,7 @@ code: ``torch.load(weights_only=True)`` and safe YAML.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -82,8 +83,10 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
     try:
         weights = torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True)
         model.load_state_dict(weights)
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{folder / MODEL_FILE}: cannot load the weights ({exc})") from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        # weights_only refuses anything but tensors and plain containers: a pickle carrying code ends here.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{folder / MODEL_FILE}: cannot load the weights ({first})") from None
     model.eval()
     return model, cfg, state
 
@@ -91,4 +94,8 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
 def load_optimizer_state(folder: str | Path, optimizer: torch.optim.Optimizer) -> None:
     path = Path(folder) / OPTIM_FILE
     if path.is_file():
-        optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: cannot load the optimizer state ({first})") from None
