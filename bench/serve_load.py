@@ -41,6 +41,21 @@ def make_checkpoint(folder: Path, num_items: int) -> Path:
     return folder / "checkpoint"
 
 
+def replica_url() -> str:
+    """The direct-ingress HTTP port of the (single) replica: the first answering port of Serve's range."""
+    import urllib.request  # noqa: PLC0415
+
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    for port in range(low, low + 50):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                if response.status == 200:
+                    return f"http://127.0.0.1:{port}"
+        except OSError:
+            continue
+    raise RuntimeError("no replica answers on a direct-ingress port")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=20_000)
@@ -51,7 +66,12 @@ def main() -> None:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.002)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="Serve's direct ingress: the replica serves HTTP itself (no proxy hop); the load "
+                             "goes to the replica's own port")
     args = parser.parse_args()
+    if args.direct_ingress:  # read by Serve when it starts, in this process and the Ray processes it spawns
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 
     import ray  # noqa: PLC0415
     from ray import serve  # noqa: PLC0415
@@ -70,6 +90,8 @@ def main() -> None:
                           max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout_s,
                           access_log=False, app_name="bench")
         run(cfg)
+        if args.direct_ingress:
+            url = replica_url()
         loadgen.run(url, ids, 4, 200, 10)                              # warm-up
         for c in args.concurrency:
             results[(mode, c)] = r = loadgen.run(url, ids, c, args.requests, args.seconds)
@@ -80,6 +102,7 @@ def main() -> None:
     ray.shutdown()
 
     print(f"\n{args.items:,} items, SASRec 64-d x 2 layers, max_length 50, k=10, 1 replica (1 CPU, 1 torch thread), "
+          f"{'direct ingress (no proxy), ' if args.direct_ingress else 'through the Serve HTTP proxy, '}"
           f"max_batch_size {args.max_batch_size}, wait {args.batch_wait_timeout_s * 1000:.0f} ms, {args.num_cpus} CPUs")
     print("| concurrency | batched QPS | unbatched QPS | ratio | batched p50 / p95 / p99 ms | unbatched p50 / p95 / p99 ms |")
     print("| --- | --- | --- | --- | --- | --- |")

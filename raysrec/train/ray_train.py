@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -42,8 +43,11 @@ class RaySession:
         return tensor.cpu().numpy()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
-        if self.rank == 0:  # Ray Train forwards worker prints to the driver as "(RayTrainWorker pid=...)"
-            print(format_epoch(metrics), flush=True)
+        if self.rank == 0:
+            # Reaches the driver as "(RayTrainWorker pid=...) epoch ...". Not print(): Train V2 patches it
+            # to also log through the root logger, which shows every line twice.
+            sys.stdout.write(format_epoch(metrics) + "\n")
+            sys.stdout.flush()
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=checkpoint)
 
