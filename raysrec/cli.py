@@ -70,6 +70,7 @@ TRAIN_FLAGS = {
     "num_layers": "model.num_layers", "num_heads": "model.num_heads", "dropout": "model.dropout",
     "max_length": "model.max_length", "seed": "seed", "num_workers": "num_workers", "use_gpu": "use_gpu",
     "cpus_per_worker": "cpus_per_worker", "resume_from": "resume_from", "storage_path": "storage_path",
+    "use_text": "model.use_text", "cold_items": "cold_items",
 }
 
 
@@ -88,13 +89,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed_items(args: argparse.Namespace) -> int:
+    from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
+    from raysrec.text.embed import EmbedConfig, embed_items, resolve_encoder  # noqa: PLC0415
+
+    cfg = _config_from_args(EmbedConfig, args, {"data": "data", "model": "model", "batch_size": "batch_size",
+                                                "num_actors": "num_actors", "use_gpu": "use_gpu"}, args.config)
+    resolve_encoder(cfg.model)  # a missing extra fails here, before Ray starts
+    ensure_ray(num_cpus=args.num_cpus)
+    entry = embed_items(cfg)
+    print(json.dumps(entry, indent=2))
+    print(f"text vectors stored in {os.path.abspath(cfg.data)}/items.parquet (column text_vector); "
+          f"train with --use-text")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from raysrec.train.loop import evaluate_checkpoint  # noqa: PLC0415
 
     model_dir = args.model
     if os.path.isdir(os.path.join(model_dir, "checkpoint")):
         model_dir = os.path.join(model_dir, "checkpoint")
-    metrics = evaluate_checkpoint(args.data, model_dir, protocol=args.protocol, split=args.split, seed=args.seed)
+    metrics = evaluate_checkpoint(args.data, model_dir, protocol=args.protocol, split=args.split, seed=args.seed,
+                                  targets=args.targets)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -277,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, dest="num_workers")
     p.add_argument("--cpus-per-worker", type=float, dest="cpus_per_worker")
     p.add_argument("--use-gpu", action="store_true", default=None, dest="use_gpu")
+    p.add_argument("--use-text", action="store_const", const=True, dest="use_text",
+                   help="fuse the item text vectors of `raysrec embed-items` into the item representation")
+    p.add_argument("--cold-items", type=float, dest="cold_items",
+                   help="cold-start protocol: hold this share of the items out of training (loss ce)")
     p.add_argument("--resume-from", dest="resume_from", help="a checkpoint folder to continue from")
     p.add_argument("--storage-path", dest="storage_path", help="Ray Train storage (local path or s3://...)")
     p.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
@@ -290,7 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["full", "sampled"], default="full")
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", choices=["all", "cold", "warm"], default="all",
+                   help="cold/warm: only targets among / outside the items held out by --cold-items")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("embed-items", help="encode item text with a language model (Ray Data actor pool)")
+    p.add_argument("--data", "-d", help="a folder written by `raysrec prepare`; vectors go into its items.parquet")
+    p.add_argument("--model", help="sentence-transformers model name or folder (default: all-MiniLM-L6-v2, packaged)")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--num-actors", type=int, dest="num_actors", help="encoder actors (default 1)")
+    p.add_argument("--use-gpu", action="store_const", const=True, dest="use_gpu", help="one GPU per actor")
+    p.add_argument("--config", help="EmbedConfig YAML; flags override it")
+    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    p.set_defaults(func=_cmd_embed_items)
 
     p = sub.add_parser("tune", help="hyper-parameter search: Ray Tune + Optuna TPE + ASHA over Ray Train runs")
     p.add_argument("--data", "-d", help="a folder written by `raysrec prepare`")

@@ -152,6 +152,40 @@ class Examples:
         return len(self.input_ids)
 
 
+def held_out_items(num_items: int, share: float, seed: int) -> np.ndarray:
+    """(num_items + 1,) bool: a seeded ``share`` of the items, held out of training (cold-start protocol)."""
+    mask = np.zeros(num_items + 1, bool)
+    count = int(round(share * num_items))
+    if count:
+        mask[1 + np.random.default_rng([seed, 17]).choice(num_items, count, replace=False)] = True
+    return mask
+
+
+def without_items(seqs: SequenceSet, drop: np.ndarray) -> SequenceSet:
+    """``seqs`` with the items marked in ``drop`` removed from every history, the held-out valid and
+    test items (each user's last two) kept: as if those items had not existed before the split."""
+    keep = ~drop[seqs.items]
+    ends = seqs.offsets[1:]
+    keep[ends - 1] = True
+    keep[ends - 2] = True
+    counts = np.add.reduceat(keep.astype(np.int64), seqs.offsets[:-1]) if len(seqs) else np.zeros(0, np.int64)
+    counts[seqs.lengths == 0] = 0
+    return SequenceSet(seqs.user_index.copy(), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                       seqs.items[keep], seqs.times[keep])
+
+
+def subset(examples: Examples, rows: np.ndarray) -> Examples:
+    """The examples at ``rows`` (histories included)."""
+    history_offsets = history_items = None
+    if examples.history_offsets is not None:
+        starts, ends = examples.history_offsets[rows], examples.history_offsets[rows + 1]
+        history_items = np.concatenate([examples.history_items[a:b] for a, b in zip(starts, ends)]) \
+            if len(rows) else np.zeros(0, examples.history_items.dtype)
+        history_offsets = np.concatenate([[0], np.cumsum(ends - starts)])
+    return Examples(examples.input_ids[rows], examples.target_ids[rows], examples.input_times[rows],
+                    examples.target_times[rows], examples.user_index[rows], history_offsets, history_items)
+
+
 def _left_pad(rows: list[np.ndarray], length: int, dtype) -> np.ndarray:
     out = np.zeros((len(rows), length), dtype)
     for r, values in enumerate(rows):

@@ -13,10 +13,16 @@ LossName = Literal["ce", "sampled", "bce"]
 
 
 def full_softmax_ce(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
-                    label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023): the default."""
+                    label_smoothing: float = 0.0, excluded: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023): the default.
+
+    ``excluded`` (N+1,) bool marks items outside the training catalogue (cold-start protocol): they
+    take no part in the softmax, so training never learns anything about them.
+    """
     logits = hidden @ model.item_vectors().T                                    # (P, N+1)
     logits[:, 0] = float("-inf")
+    if excluded is not None:
+        logits = logits.masked_fill(excluded, float("-inf"))
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
@@ -28,8 +34,8 @@ def sampled_softmax(model: SequentialRecommender, hidden: torch.Tensor, targets:
     uniform when ``None``); subtracting log q makes the estimate consistent for popularity
     sampling. Negatives equal to a row's target are masked (accidental hits).
     """
-    pos = (hidden * model.item_emb(targets)).sum(-1, keepdim=True)            # (P, 1)
-    neg = hidden @ model.item_emb(negatives).T                                  # (P, N)
+    pos = (hidden * model.item_rows(targets)).sum(-1, keepdim=True)            # (P, 1)
+    neg = hidden @ model.item_rows(negatives).T                                  # (P, N)
     if log_q is not None:
         pos = pos - log_q[targets].unsqueeze(-1)
         neg = neg - log_q[negatives].unsqueeze(0)
@@ -41,7 +47,7 @@ def sampled_softmax(model: SequentialRecommender, hidden: torch.Tensor, targets:
 def bce_one_negative(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
                      negatives: torch.Tensor) -> torch.Tensor:
     """The original SASRec / KerasRS loss: binary CE on the positive and one negative per position."""
-    pos = (hidden * model.item_emb(targets)).sum(-1).float()
-    neg = (hidden * model.item_emb(negatives)).sum(-1).float()
+    pos = (hidden * model.item_rows(targets)).sum(-1).float()
+    neg = (hidden * model.item_rows(negatives)).sum(-1).float()
     return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + \
         F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))

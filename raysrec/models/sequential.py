@@ -39,6 +39,10 @@ class ModelConfig(Config):
     short_layers: int = 1
     time_buckets: int = 32
     use_time_gap: bool = True
+    # language-model item text: frozen vectors (``raysrec embed-items``) through a learned projection,
+    # added to the ID embedding on the input and the output side
+    use_text: bool = False
+    text_dim: int = 0                      # set from the data, like num_items
 
     def validate(self) -> None:
         check(self.hidden_dim > 0 and self.hidden_dim % self.num_heads == 0,
@@ -59,26 +63,55 @@ class SequentialRecommender(nn.Module):
         self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.hidden_dim, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_length, cfg.hidden_dim)
         self.emb_drop = nn.Dropout(cfg.dropout if cfg.emb_dropout is None else cfg.emb_dropout)
+        if cfg.use_text:
+            check(cfg.text_dim > 0, "model.text_dim must be set from the item text vectors")
+            # A buffer, not a parameter: frozen, but saved in the state dict, so a checkpoint carries the
+            # vectors of every item, including items never seen in training (cold start).
+            self.register_buffer("text_vectors", torch.zeros(cfg.num_items + 1, cfg.text_dim))
+            self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden_dim, bias=False)
 
     def _init_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=self.cfg.hidden_dim ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+            if self.cfg.use_text:
+                # With text, the ID embedding is a residual learned on top of the text vector: it starts
+                # at zero, so an item without interactions is represented by its text alone.
+                self.item_emb.weight.zero_()
+
+    def set_text_vectors(self, vectors: torch.Tensor) -> None:
+        """Load the frozen ``(num_items + 1, text_dim)`` item text vectors (row 0 = padding)."""
+        check(self.cfg.use_text and tuple(vectors.shape) == tuple(self.text_vectors.shape),
+              f"text vectors of shape {tuple(vectors.shape)} do not fit this model")
+        with torch.no_grad():
+            self.text_vectors.copy_(vectors)
+            self.text_vectors[0].zero_()
+
+    def item_rows(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """(...) item indices -> (..., d) item representations (ID embedding [+ projected text])."""
+        rows = self.item_emb(item_ids)
+        if self.cfg.use_text:
+            rows = rows + self.text_proj(self.text_vectors[item_ids])
+        return rows
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, d). Left padding means position L-1 is always the newest item."""
         length = input_ids.shape[1]
-        x = self.item_emb(input_ids) * math.sqrt(self.cfg.hidden_dim)
+        x = self.item_rows(input_ids) * math.sqrt(self.cfg.hidden_dim)
         x = x + self.pos_emb.weight[-length:][None]
         return self.emb_drop(x) * (input_ids != 0).unsqueeze(-1)
 
     def item_vectors(self) -> torch.Tensor:
-        return self.item_emb.weight                                   # (N+1, d)
+        """(N+1, d): the output-side table, the same representation as the input side (tied)."""
+        if self.cfg.use_text:
+            return self.item_emb.weight + self.text_proj(self.text_vectors)
+        return self.item_emb.weight
 
     def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., N+1) scores against every item; index 0 (padding) is -inf."""
@@ -88,7 +121,7 @@ class SequentialRecommender(nn.Module):
 
     def score_items(self, hidden: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
         """hidden (..., d), item_ids (..., K) -> (..., K)."""
-        return (self.item_emb(item_ids) * hidden.unsqueeze(-2)).sum(-1)
+        return (self.item_rows(item_ids) * hidden.unsqueeze(-2)).sum(-1)
 
     def forward(self, batch: dict[str, torch.Tensor], with_aux: bool = False):
         """Hidden states (B, L, d); with ``with_aux`` also the auxiliary loss (or ``None``).
@@ -162,7 +195,7 @@ class LongShortInterest(SequentialRecommender):
 
     def _disentangle_loss(self, input_ids: torch.Tensor, h_long: torch.Tensor, h_short: torch.Tensor) -> torch.Tensor:
         padding = (input_ids != 0).float().unsqueeze(-1)
-        e = self.item_emb(input_ids) * padding                                  # (B, L, d)
+        e = self.item_rows(input_ids) * padding                                  # (B, L, d)
         csum = e.cumsum(1)
         count = padding.cumsum(1).clamp(min=1)
         p_long = csum / count

@@ -31,6 +31,9 @@ class TrainConfig(Config):
     eval_batch_size: int = 256
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])
     seed: int = 0
+    # Cold-start protocol: this share of the items (seeded) is removed from training histories and
+    # from the training softmax; metrics.json then also reports test metrics on targets among them.
+    cold_items: float = 0.0
     # Ray Train
     num_workers: int = 1
     use_gpu: bool = False
@@ -49,3 +52,6 @@ class TrainConfig(Config):
         check(self.num_workers >= 1, "train.num_workers must be >= 1")
         check(10 in self.metric_ks, "train.metric_ks must include 10 (early stopping uses valid NDCG@10)")
         check(self.num_negatives >= 1, "train.num_negatives must be >= 1")
+        check(0.0 <= self.cold_items < 1.0, "train.cold_items must be in [0, 1)")
+        check(self.cold_items == 0.0 or self.loss == "ce",
+              "train.cold_items (the cold-start protocol) needs loss ce, which can leave the cold items out")

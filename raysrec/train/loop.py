@@ -26,8 +26,11 @@ from raysrec.data.sequences import (
     Examples,
     PreparedData,
     evaluation_examples,
+    held_out_items,
     iterate_batches,
+    subset,
     training_examples,
+    without_items,
 )
 from raysrec.models import losses
 from raysrec.models.metrics import full_ranking_ranks, metric_sums, sampled_candidates, sampled_ranks
@@ -59,14 +62,15 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
-                 log_q: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
+                 log_q: Optional[torch.Tensor], generator: Optional[torch.Generator],
+                 excluded: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One batch's training loss (+ the auxiliary loss when the model has one and it is weighted)."""
     core = unwrap(model)
     hidden, aux = model(batch, with_aux=True)                                 # (B, L, d)
     valid = batch["target_ids"] > 0
     h, targets = hidden[valid], batch["target_ids"][valid]                    # (P, d), (P,)
     if cfg.loss == "ce":
-        loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing)
+        loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded)
     elif cfg.loss == "sampled":
         n = core.cfg.num_items
         if log_q is None:
@@ -122,22 +126,41 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_model_config(cfg: TrainConfig, data: PreparedData) -> tuple[TrainConfig, Optional[np.ndarray]]:
+    """Fill the sizes the data decides (item count, text vector size); the text vectors if used."""
+    model = {**cfg.model.to_dict(), "num_items": data.num_items}
+    vectors = None
+    if cfg.model.use_text:
+        from raysrec.text.embed import text_vectors  # noqa: PLC0415
+
+        vectors = text_vectors(data.items, data.num_items, where=data.root)
+        model["text_dim"] = int(vectors.shape[1])
+    return cfg.replace(model=model), vectors
+
+
 def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
     """Train with early stopping on valid NDCG@10; reports every epoch, checkpoints on rank 0."""
     set_seed(cfg.seed)
     data = PreparedData.load(cfg.data)
-    cfg = cfg.replace(model={**cfg.model.to_dict(), "num_items": data.num_items})
+    cfg, vectors = resolve_model_config(cfg, data)
     files = data.shard_files()
     # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
     by_file = len(files) >= session.world_size
     seqs = data.read(files[session.rank::session.world_size] if by_file else files)
+    cold = held_out_items(data.num_items, cfg.cold_items, cfg.seed) if cfg.cold_items else None
+    if cold is not None:
+        seqs = without_items(seqs, cold)
     rank, world = (0, 1) if by_file else (session.rank, session.world_size)
     max_len = cfg.model.max_length
     train_ex = training_examples(seqs, max_len, cfg.train_windows)
     valid_ex = evaluation_examples(seqs, max_len, "valid")
 
     device = session.device
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if vectors is not None:
+        model.set_text_vectors(torch.from_numpy(vectors))
+    model = model.to(device)
+    excluded = torch.from_numpy(cold).to(device) if cold is not None else None
     if hasattr(model, "aux_enabled"):
         model.aux_enabled = cfg.aux_loss_weight > 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -176,7 +199,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
                                      world_size=world, num_steps=steps, num_items=data.num_items,
                                      num_negatives=1 if cfg.loss == "bce" else 0, device=device):
             with autocast(device, cfg.bf16):
-                loss = compute_loss(model, batch, cfg, log_q, generator)
+                loss = compute_loss(model, batch, cfg, log_q, generator, excluded)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -276,14 +299,28 @@ def format_epoch(m: dict[str, Any]) -> str:
 
 
 def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: str = "full",
-                        split: str = "test", device: str = "cpu", seed: int = 0) -> dict[str, float]:
-    """Re-score a checkpoint on the valid or test targets of a prepared folder."""
+                        split: str = "test", device: str = "cpu", seed: int = 0,
+                        targets: str = "all") -> dict[str, float]:
+    """Re-score a checkpoint on the valid or test targets of a prepared folder.
+
+    ``targets``: ``all``, or (for a model trained with ``cold_items``) only the rows whose target is
+    a held-out ``cold`` item, or a ``warm`` one.
+    """
     model, cfg, _ = ckpt.load_checkpoint(model_dir, map_location=device)
     data = PreparedData.load(data_dir)
     if data.num_items != model.cfg.num_items:
         from raysrec.errors import CheckpointError  # noqa: PLC0415
         raise CheckpointError(f"{model_dir}: trained on {model.cfg.num_items} items but {data_dir} has {data.num_items}")
     model.to(device)
-    examples = evaluation_examples(data.read(), model.cfg.max_length, split)  # type: ignore[arg-type]
+    seqs = data.read()
+    cold = held_out_items(data.num_items, cfg.cold_items, cfg.seed) if cfg.cold_items else None
+    if cold is not None:
+        seqs = without_items(seqs, cold)
+    examples = evaluation_examples(seqs, model.cfg.max_length, split)  # type: ignore[arg-type]
+    if targets != "all":
+        if cold is None:
+            raise ValueError(f"targets={targets!r} needs a model trained with cold_items > 0")
+        is_cold = cold[examples.target_ids[:, -1]]
+        examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
     totals = evaluate(model, examples, cfg, torch.device(device), protocol=protocol, seed=seed)
-    return summarize(totals, cfg.metric_ks, "")
+    return {**summarize(totals, cfg.metric_ks, ""), "rows": int(totals[0])}

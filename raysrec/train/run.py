@@ -55,6 +55,10 @@ def fit(cfg: TrainConfig, use_ray: bool = True) -> dict[str, Any]:
         "model": cfg.model.name, "loss": cfg.loss, "num_workers": cfg.num_workers, "use_gpu": cfg.use_gpu,
         "workers": workers,
     }
+    if cfg.cold_items:
+        for part in ("cold", "warm"):
+            metrics[f"test_{part}"] = evaluate_checkpoint(cfg.data, out / CHECKPOINT_DIR, split="test", device=device,
+                                                          targets=part)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "training_curve.png", title=f"{cfg.model.name} ({cfg.loss})")
