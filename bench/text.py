@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
 from accuracy import prepared  # same folder
+
 from raysrec.models.sequential import ModelConfig
 from raysrec.ray_utils import ensure_ray
 from raysrec.text.embed import EmbedConfig, embed_items
