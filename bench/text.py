@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--cold", type=float, default=0.2)
     parser.add_argument("--only", nargs="+", default=["warm", "cold"], choices=["warm", "cold"])
+    parser.add_argument("--variants", nargs="+", default=["ids", "text"], choices=["ids", "text"],
+                        help="warm ids-only runs equal bench/accuracy.py's ml-100k/sasrec/ce runs of the same "
+                             "seed; the table falls back to those when this file has none")
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "raysrec-bench-text"))
@@ -60,7 +63,7 @@ def main() -> None:
             print(f"embedded {entry['items']} items ({entry['dim']}-d) in {entry['seconds']} s "
                   f"({entry['items_per_second']} items/s)", flush=True)
         for protocol in args.only:
-            for text in (False, True):
+            for text in [v == "text" for v in args.variants]:
                 for seed in args.seeds:
                     cfg = TrainConfig(data=str(data), output=str(work / "runs" / protocol / f"text{int(text)}-s{seed}"),
                                       model=ModelConfig(use_text=text), seed=seed, epochs=args.epochs,
@@ -85,6 +88,15 @@ def main() -> None:
 def table(results: Path) -> None:
     frame = pd.read_json(results, lines=True)
     num_items = 1682
+    reference = results.parent / "accuracy.jsonl"
+    if reference.is_file() and not ((frame.protocol == "warm") & ~frame.text).any():
+        acc = pd.read_json(reference, lines=True)
+        acc = acc[(acc.data == "ml-100k") & (acc.model == "sasrec") & (acc["loss"] == "ce")]
+        seeds = set(frame[frame.protocol == "warm"].seed)
+        acc = acc[acc.seed.isin(seeds)]
+        frame = pd.concat([frame, pd.DataFrame({"protocol": "warm", "text": False, "seed": acc.seed,
+                                                "test_ndcg@10": acc["test_ndcg@10"], "test_hr@10": acc["test_hr@10"],
+                                                "epochs": acc.epochs})], ignore_index=True)
     warm = frame[frame.protocol == "warm"].groupby("text").agg(
         seeds=("seed", "count"), ndcg=("test_ndcg@10", "mean"), hr=("test_hr@10", "mean"), epochs=("epochs", "mean"))
     if len(warm):
