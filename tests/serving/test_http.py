@@ -120,7 +120,7 @@ BAD_REQUESTS = [
     ("/score", b'{"history": [1], "candidates": []}', 422, "candidates"),
     ("/recommend", json.dumps({"history": list(range(20_000))}).encode(), 413, "limit"),
     ("/recommend", json.dumps({"history": list(range(100_000))}).encode(), 413, "limit"),
-    ("/recommend", b"", 422, "JSON"),
+    ("/recommend", b"", 422, "body"),
     ("/recommend", b"\xff\xfe\x00\x01 garbage", 422, "JSON"),
     ("/recommend", b'{"history": [1], "k": "ten"}', 422, "k"),
     ("/recommend", b'{"history": [1], "k": -3}', 422, "k"),
