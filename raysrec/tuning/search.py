@@ -89,6 +89,69 @@ def _trial(config: dict[str, Any], base: dict[str, Any], storage: str) -> None:
     build_trainer(cfg, run_name=f"train-{trial_id}", storage_path=storage, callbacks=[TuneReportCallback()]).fit()
 
 
+def release_leaked_train_groups(min_age_s: float = 10.0, address: Optional[str] = None) -> list[str]:
+    """Remove Ray Train placement groups nothing uses any more; returns their ids.
+
+    When a scheduler (ASHA) stops a trial, Tune ends the trial's actor; with Train V2 the trial's
+    TrainController then goes, but the workers' placement group can outlive it (ray-project/ray#54305),
+    holding its CPUs/GPUs so the next trial's workers never start. A group is released when it was
+    created by this job, holds CPUs or GPUs (Train worker bundles; Tune's own trial bundles hold
+    none), is older than ``min_age_s``, and no live or pending actor is placed in it.
+    """
+    import ray  # noqa: PLC0415
+    from ray.util.placement_group import PlacementGroup  # noqa: PLC0415
+    from ray.util.state import list_actors, list_placement_groups  # noqa: PLC0415
+
+    address = address or ray.get_runtime_context().gcs_address
+    job = ray.get_runtime_context().get_job_id()
+    groups = list_placement_groups(address=address, filters=[("state", "=", "CREATED")], detail=True,
+                                   raise_on_missing_output=False)
+    used = {a.placement_group_id for a in list_actors(address=address, filters=[("state", "!=", "DEAD")],
+                                                      detail=True, limit=10_000, raise_on_missing_output=False)}
+    now_ns = time.time_ns()
+    released = []
+    for group in groups:
+        holds = any(b["unit_resources"].get("CPU", 0) or b["unit_resources"].get("GPU", 0) for b in group.bundles)
+        created = int((group.stats or {}).get("creation_request_received_ns") or now_ns)
+        if (group.creator_job_id != job or not holds or group.placement_group_id in used
+                or now_ns - created < min_age_s * 1e9):
+            continue
+        from ray._raylet import PlacementGroupID  # noqa: PLC0415
+
+        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group.placement_group_id))))
+        released.append(group.placement_group_id)
+    return released
+
+
+def _release_callback():
+    """A Tune callback that runs :func:`release_leaked_train_groups` after trials end and every 30 s."""
+    from ray import tune  # noqa: PLC0415
+
+    class ReleaseStoppedTrialResources(tune.Callback):
+        def __init__(self) -> None:
+            self._last = 0.0
+
+        def _sweep(self) -> None:
+            self._last = time.time()
+            try:
+                for group in release_leaked_train_groups():
+                    print(f"released placement group {group[:12]} left behind by a stopped trial", flush=True)
+            except Exception as exc:  # the state API is best effort (e.g. no dashboard on this cluster)
+                print(f"could not check for leaked placement groups: {exc}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._sweep()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._sweep()
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.time() - self._last > 30:
+                self._sweep()
+
+    return ReleaseStoppedTrialResources()
+
+
 def _defaults_in_space(params: list[Param], base: TrainConfig) -> Optional[dict[str, Any]]:
     """The base config's value of every searched field, if all lie inside the space."""
     point = {}
@@ -151,7 +214,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
             trainable, param_space=to_tune(params),
             tune_config=tune.TuneConfig(metric=VALID_METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage,
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, callbacks=[_release_callback()],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
         print(f"search: {cfg.num_samples} trials x <= {cfg.epochs} epochs, {max_concurrent} at a time, "
