@@ -79,7 +79,7 @@ class Cluster:
         self._start("worker_node", [f"--address={self.address}"])
         self._wait(lambda: len(self.node_ids()) == 2, "the second node")
 
-    def _wait(self, ready, what: str, timeout: float = 120) -> None:
+    def _wait(self, ready, what: str, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for proc in self.nodes:

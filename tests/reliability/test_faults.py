@@ -114,7 +114,8 @@ def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
         "data": str(synth_prepared), "output": str(tmp_path / "search"), "space": str(space),
-        "num_samples": samples, "max_concurrent": 1, "epochs": epochs, "scheduler": "fifo", "seed": 3,
+        "num_samples": samples, "max_concurrent": 1, "epochs": epochs, "grace_period": 1, "scheduler": "fifo",
+        "seed": 3,
         "train": {"model": {"hidden_dim": 16, "num_heads": 1, "num_layers": 1, "max_length": 20},
                   "num_workers": 1, "cpus_per_worker": 1, "patience": 10}}))
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYSREC_PROGRESS": "0"}
@@ -130,7 +131,8 @@ def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_
             time.sleep(0.5)
         time.sleep(3)  # let Tune persist the experiment state after the trial ended
         before = _finished_trials(experiment, epochs)
-        assert driver.poll() is None and 1 <= len(before) < samples, "the search should be mid-way"
+        assert driver.poll() is None, f"the tune driver exited early with code {driver.returncode}"
+        assert 1 <= len(before) < samples, f"the search should be mid-way: {len(before)} of {samples} trials done"
         os.killpg(driver.pid, signal.SIGKILL)   # the driver and the local Ray it started
         driver.wait(timeout=60)
     finally:
