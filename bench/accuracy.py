@@ -52,20 +52,26 @@ def prepared(kind: str, work: Path) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", default=RUNS, help=f"subset of {RUNS}")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+def run_options(parser: argparse.ArgumentParser, name: str) -> tuple[argparse.Namespace, Path]:
+    """The options every accuracy-style benchmark shares; parses them and returns the results file."""
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "raysrec-bench-accuracy"))
-    parser.add_argument("--results", default="bench/results/accuracy.jsonl")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / f"raysrec-bench-{name}"))
+    parser.add_argument("--results", default=f"bench/results/{name}.jsonl")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("RAYSREC_PROGRESS", "0")
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
+    return args, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", default=RUNS, help=f"subset of {RUNS}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args, results = run_options(parser, "accuracy")
 
     if not args.table_only:
         ensure_ray(num_cpus=args.num_cpus)

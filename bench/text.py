@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-from accuracy import prepared  # same folder
+from accuracy import prepared, run_options  # same folder
 
 from raysrec.models.sequential import ModelConfig
 from raysrec.ray_utils import ensure_ray
@@ -41,16 +39,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["ids", "text"], choices=["ids", "text"],
                         help="warm ids-only runs equal bench/accuracy.py's ml-100k/sasrec/ce runs of the same "
                              "seed; the table falls back to those when this file has none")
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=10)
-    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "raysrec-bench-text"))
-    parser.add_argument("--results", default="bench/results/text.jsonl")
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    parser.add_argument("--table-only", action="store_true")
-    args = parser.parse_args()
-    os.environ.setdefault("RAYSREC_PROGRESS", "0")
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
+    args, results = run_options(parser, "text")
     if not args.table_only:
         ensure_ray(num_cpus=args.num_cpus)
         work = Path(args.workdir)
