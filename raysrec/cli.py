@@ -95,7 +95,10 @@ def _cmd_embed_items(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(EmbedConfig, args, {"data": "data", "model": "model", "batch_size": "batch_size",
                                                 "num_actors": "num_actors", "use_gpu": "use_gpu"}, args.config)
-    resolve_encoder(cfg.model)  # a missing extra fails here, before Ray starts
+    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
+
+    PreparedData.load(cfg.data)  # a wrong --data and a missing extra fail here, before Ray starts
+    resolve_encoder(cfg.model)
     ensure_ray(num_cpus=args.num_cpus)
     entry = embed_items(cfg)
     print(json.dumps(entry, indent=2))
