@@ -90,6 +90,8 @@ STAGES = {  # name -> (argv builder, message)
     "config: missing file": (lambda p: ["pipeline", "--config", str(p / "nope.yaml")], "config file not found"),
     "evaluate: not a checkpoint": (lambda p: ["evaluate", "--data", str(p), "--model", str(p)],
                                    "not a raysrec checkpoint"),
+    "embed-items: not a prepared folder": (lambda p: ["embed-items", "--data", str(p / "none")],
+                                           "not a prepared data folder (no manifest.json)"),
     "serve: not a checkpoint": (lambda p: ["serve", "--model", str(p / "none")], "no raysrec checkpoint here"),
     "tune: missing space": (lambda p: ["tune", "--data", str(p), "--output", str(p / "s"), "--space", "nope"],
                             "search space 'nope' not found"),
