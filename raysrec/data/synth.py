@@ -74,8 +74,34 @@ class SynthConfig(Config):
             check(0.0 <= getattr(self, name) <= 1.0, f"synth.{name} must be in [0, 1]")
 
 
+@dataclasses.dataclass
+class Simulation:
+    """A generated log and the latent variables that produced it (what an oracle would know)."""
+
+    interactions: pd.DataFrame
+    items: pd.DataFrame
+    item_cat: np.ndarray         # (items,) category of each item (0-based item index)
+    weight: np.ndarray           # (items,) popularity inside its category (sums to 1 per category)
+    cat_start: np.ndarray        # (categories,) first item of each category; items of a category are contiguous
+    cat_sizes: np.ndarray
+    tastes: np.ndarray           # (users, tastes_per_user) long-term categories
+    taste_w: np.ndarray          # (users, tastes_per_user) their weights
+    first: np.ndarray            # (users,) row of each user's first event; rows are per user, in time order
+    counts: np.ndarray           # (users,) events per user
+    session_start: np.ndarray    # (events,) bool
+    session_cat: np.ndarray      # (events,) the category of the event's session
+    anchor: np.ndarray           # (events,) last non-walking event at or before this one
+    base: np.ndarray             # (events,) the popularity draw of each event (a walk starts from its anchor's)
+
+
 def generate(cfg: SynthConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return ``(interactions, items)``: columns user_id, item_id, timestamp / item_id, title, categories."""
+    sim = simulate(cfg)
+    return sim.interactions, sim.items
+
+
+def simulate(cfg: SynthConfig) -> Simulation:
+    """Generate the log and keep the latent variables (for :func:`oracle_ndcg`)."""
     rng = np.random.default_rng(cfg.seed)
     n_users, n_items, n_cats = cfg.num_users, cfg.num_items, cfg.num_categories
 
@@ -144,7 +170,64 @@ def generate(cfg: SynthConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
               for i in range(n_items)]
     items = pd.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles,
                           "categories": [names[k] for k in item_cat]})
-    return interactions, items
+    return Simulation(interactions, items, item_cat, weight, cat_start, cat_sizes, tastes, taste_w, first, counts,
+                      session_start, s_cat[session_id], anchor, base)
+
+
+def oracle_ndcg(cfg: SynthConfig, sim: Simulation, k: int = 10, knows_gap: bool = True) -> dict[str, float]:
+    """Bayes-optimal NDCG@k on the leave-one-out test target (each user's last event) of a simulated log.
+
+    The oracle knows everything the generator knows *before* the target: the user's tastes and their
+    weights, the category of the current session, the walk's anchor and every item's popularity. It
+    ranks items by the true probability of the next event, with the user's history masked (the
+    target never), exactly as the evaluation does. ``knows_gap=True`` also knows whether the target
+    starts a new session (what the time since the last event tells a model); ``knows_gap=False``
+    only knows the prior ``1 / mean_session_length`` of that, like a model without timestamps.
+
+    Returns the expected NDCG@k over the generator's randomness at the target (``expected``), the
+    NDCG@k of the targets actually drawn (``sampled``; a check of the oracle against the
+    generator), the expected NDCG@k split by targets that start a session or not, and the share
+    of targets that start one.
+    """
+    n_items, n_cats = cfg.num_items, cfg.num_categories
+    pop = np.zeros((n_cats, n_items))
+    pop[sim.item_cat, np.arange(n_items)] = sim.weight
+    uniform_cat = sim.weight / n_cats                                  # a random category, then popularity
+    items = sim.interactions["item_id"].to_numpy() - 1
+    p_new_session = 1.0 / cfg.mean_session_length
+    discount = 1.0 / np.log2(np.arange(k) + 2.0)
+    jitter = np.random.default_rng(0).random(n_items) * 1e-12       # a fixed order for exact ties
+    expected, sampled = [], []
+    targets = sim.first + sim.counts - 1
+    for u, i in enumerate(targets):
+        taste_mix = sim.taste_w[u] @ pop[sim.tastes[u]]
+        new = cfg.p_long * taste_mix + (1 - cfg.p_long) * uniform_cat
+        cat = sim.session_cat[i - 1]
+        walk_from = sim.anchor[i - 1]                                  # a walk at i continues from here
+        anchor_item = sim.base[walk_from]
+        inner = (1 - cfg.p_follow) * pop[cat]
+        if sim.item_cat[anchor_item] == cat:
+            c = cat
+            step = i - walk_from
+            inner[sim.cat_start[c] + (anchor_item - sim.cat_start[c] + step) % sim.cat_sizes[c]] += cfg.p_follow
+        else:                                                          # the generator falls back to a draw
+            inner += cfg.p_follow * pop[cat]
+        within = cfg.p_off_session * taste_mix + (1 - cfg.p_off_session) * inner
+        truth = new if sim.session_start[i] else within
+        belief = truth if knows_gap else p_new_session * new + (1 - p_new_session) * within
+        score = belief + jitter
+        seen = np.zeros(n_items, bool)
+        seen[items[sim.first[u]:i]] = True
+        ranked = np.sort(score[~seen])
+        above = len(ranked) - np.searchsorted(ranked, score, side="right")   # unmasked items strictly above
+        gain = np.where(above < k, discount[np.minimum(above, k - 1)], 0.0)
+        expected.append(float(truth @ gain))
+        sampled.append(float(gain[items[i]]))
+    expected_arr, starts = np.asarray(expected), sim.session_start[targets]
+    return {"expected": float(expected_arr.mean()), "sampled": float(np.mean(sampled)),
+            "expected_session_start": float(expected_arr[starts].mean()) if starts.any() else float("nan"),
+            "expected_within_session": float(expected_arr[~starts].mean()) if (~starts).any() else float("nan"),
+            "session_start_share": float(starts.mean()), "per_user": expected_arr}
 
 
 def write(cfg: SynthConfig) -> Path:
