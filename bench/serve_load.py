@@ -97,6 +97,11 @@ def main() -> None:
             results[(mode, c)] = r = loadgen.run(url, ids, c, args.requests, args.seconds)
             print(f"{mode:>9}  c={c:<3} {r['qps']:8.1f} qps  p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  "
                   f"p99 {r['p99']:6.1f} ms  ok {r['ok']}  failed {r['failed']}", flush=True)
+        if mode == "batched":   # the same replica's floor: GET /healthz runs the HTTP and Serve path, no model
+            c = max(args.concurrency)
+            results[("floor", c)] = r = loadgen.run(url, ids, c, args.requests, args.seconds, path="/healthz")
+            print(f"{'/healthz':>9}  c={c:<3} {r['qps']:8.1f} qps  p50 {r['p50']:6.1f} ms  p99 {r['p99']:6.1f} ms",
+                  flush=True)
         serve.delete(cfg.app_name)
     serve.shutdown()
     ray.shutdown()
@@ -110,6 +115,11 @@ def main() -> None:
         b, u = results[("batched", c)], results[("unbatched", c)]
         print(f"| {c} | {b['qps']:.1f} | {u['qps']:.1f} | {b['qps'] / u['qps']:.2f}x | "
               f"{b['p50']:.1f} / {b['p95']:.1f} / {b['p99']:.1f} | {u['p50']:.1f} / {u['p95']:.1f} / {u['p99']:.1f} |")
+    c = max(args.concurrency)
+    floor = results[("floor", c)]
+    print(f"\nfloor: GET /healthz on the same replica at concurrency {c}: {floor['qps']:.1f} qps, p50 {floor['p50']:.1f} / "
+          f"p99 {floor['p99']:.1f} ms. In a closed loop, mean latency = concurrency / QPS (Little's law), so "
+          f"p99 <= 100 ms at concurrency {c} needs at least {c / 0.1:.0f} qps from /recommend.")
     failed = sum(r["failed"] for r in results.values())
     print(f"failed requests: {failed}")
 

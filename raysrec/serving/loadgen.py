@@ -1,10 +1,11 @@
 """A closed-loop HTTP load generator for the endpoint, run in its own process.
 
-``concurrency`` clients each POST ``/recommend`` with a random history, wait for the answer and
+``concurrency`` clients each POST ``/recommend`` with a random history (or GET another path, such
+as ``/healthz`` to measure the server's floor: everything but the model), wait for the answer and
 send the next, until ``total`` requests or ``seconds`` have passed. Every request is counted:
 ``ok`` (HTTP 200), or ``failed`` under its status code or the client error's name.
 
-    python -m raysrec.serving.loadgen URL IDS.json CONCURRENCY TOTAL SECONDS [SEED]   # prints one JSON line
+    python -m raysrec.serving.loadgen URL IDS.json CONCURRENCY TOTAL SECONDS [SEED [PATH]]   # one JSON line
 
 :func:`start` launches it as a subprocess (so the server under test does not share the client's
 CPU time with the measuring process's own event loop) and :func:`result` reads its summary.
@@ -27,7 +28,7 @@ import numpy as np
 
 
 async def closed_loop(url: str, ids: list[Any], concurrency: int, total: int, seconds: float,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, path: str = "/recommend") -> dict[str, Any]:
     import aiohttp  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
@@ -42,8 +43,10 @@ async def closed_loop(url: str, ids: list[Any], concurrency: int, total: int, se
             sent += 1
             history = rng.choice(ids, size=int(rng.integers(5, 51))).tolist()
             started = time.perf_counter()
+            request = (session.post(f"{url}{path}", json={"history": history, "k": 10}) if path == "/recommend"
+                       else session.get(f"{url}{path}"))
             try:
-                async with session.post(f"{url}/recommend", json={"history": history, "k": 10}) as response:
+                async with request as response:
                     await response.read()
                     if response.status != 200:
                         failures[f"http {response.status}"] += 1
@@ -66,12 +69,13 @@ async def closed_loop(url: str, ids: list[Any], concurrency: int, total: int, se
             **{f"p{q}": float(np.percentile(lat, q)) if len(lat) else float("nan") for q in (50, 95, 99)}}
 
 
-def start(url: str, ids: list[Any], concurrency: int, total: int, seconds: float, seed: int = 0) -> subprocess.Popen:
+def start(url: str, ids: list[Any], concurrency: int, total: int, seconds: float, seed: int = 0,
+          path: str = "/recommend") -> subprocess.Popen:
     """Start the generator in its own Python process; :func:`result` waits for its summary."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ids, f)
     proc = subprocess.Popen([sys.executable, "-m", "raysrec.serving.loadgen", url, f.name, str(concurrency),
-                             str(total), str(seconds), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             str(total), str(seconds), str(seed), path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     proc.ids_file = f.name  # type: ignore[attr-defined]
     return proc
@@ -85,12 +89,13 @@ def result(proc: subprocess.Popen, timeout: float | None = None) -> dict[str, An
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run(url: str, ids: list[Any], concurrency: int, total: int, seconds: float, seed: int = 0) -> dict[str, Any]:
-    return result(start(url, ids, concurrency, total, seconds, seed))
+def run(url: str, ids: list[Any], concurrency: int, total: int, seconds: float, seed: int = 0,
+        path: str = "/recommend") -> dict[str, Any]:
+    return result(start(url, ids, concurrency, total, seconds, seed, path))
 
 
 if __name__ == "__main__":
-    _url, _ids, _c, _n, _s, *_seed = sys.argv[1:]
+    _url, _ids, _c, _n, _s, *_rest = sys.argv[1:]
     summary = asyncio.run(closed_loop(_url, json.loads(Path(_ids).read_text()), int(_c), int(_n), float(_s),
-                                      int(_seed[0]) if _seed else 0))
+                                      int(_rest[0]) if _rest else 0, _rest[1] if len(_rest) > 1 else "/recommend"))
     print(json.dumps(summary))
