@@ -4,7 +4,7 @@ One typed config (:class:`PipelineConfig`) holds every stage's config. Paths the
 each other are derived from ``output`` unless the file sets them::
 
     <output>/raw/         synthetic log (only when no source is given)
-    <output>/prepared/    raysrec prepare
+    <output>/prepared/    raysrec prepare (+ raysrec embed-items: when ``embed`` is set or the model uses text)
     <output>/model/       raysrec train   (stage: train)
     <output>/tune/        raysrec tune    (stage: tune)
     <output>/best/        the exported winner: checkpoint/, train_config.yaml, metrics.json
@@ -33,6 +33,7 @@ from raysrec.data.pipeline import PrepareConfig
 from raysrec.data.synth import SynthConfig
 from raysrec.errors import RaysrecError
 from raysrec.serving.app import ServeConfig
+from raysrec.text.embed import EmbedConfig
 from raysrec.train.config import TrainConfig
 from raysrec.tuning.search import SearchConfig
 
@@ -51,6 +52,9 @@ class PipelineConfig(Config):
     storage_path: Optional[str] = None
     synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)  # generated when no prepare.source.path
     prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
+    # item text vectors (``raysrec embed-items``) after prepare: run when this section is given or the
+    # model uses text (``train.model.use_text``); its ``data`` is the prepared folder
+    embed: Optional[EmbedConfig] = None
     stage: Literal["train", "tune"] = "train"
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tune: Optional[SearchConfig] = None   # its ``train`` (the trials' base) defaults to the section above
@@ -68,6 +72,8 @@ class PipelineConfig(Config):
         derived = {"synth": {"output": f"{root}/raw"}, "prepare": {"output": f"{root}/prepared"},
                    "train": {"data": f"{root}/prepared", "output": f"{root}/model"},
                    "serve": {"model_dir": f"{root}/best"}}
+        if data.get("embed") is not None or _uses_text(data):
+            derived["embed"] = {"data": f"{root}/prepared"}
         if data.get("tune") is not None or data.get("stage") == "tune":
             derived["tune"] = {"data": f"{root}/prepared", "output": f"{root}/tune"}
         for section, paths in derived.items():
@@ -98,6 +104,16 @@ class PipelineConfig(Config):
     @property
     def root(self) -> Path:
         return Path(self.output).resolve()
+
+
+def _uses_text(data: dict[str, Any]) -> bool:
+    """Whether the (raw) config's model reads item text vectors, in the train or the tune section."""
+    def model_of(section: Any) -> dict[str, Any]:
+        model = section.get("model") if isinstance(section, dict) else None
+        return model if isinstance(model, dict) else {}
+
+    tune = data.get("tune") if isinstance(data.get("tune"), dict) else {}
+    return bool(model_of(data.get("train")).get("use_text") or model_of(tune.get("train")).get("use_text"))
 
 
 def _storage(cfg: PipelineConfig, name: str) -> Optional[str]:
@@ -182,12 +198,21 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     manifest = prepare(prep)
     log(f"      {manifest['num_users']:,} users, {manifest['num_items']:,} items, {manifest['rows_kept']:,} events kept "
         f"of {manifest['rows_read']:,} read")
+    if cfg.embed is not None:
+        from raysrec.text.embed import embed_items  # noqa: PLC0415
+
+        log("      item text vectors (Ray Data, raysrec embed-items)")
+        t_embed = time.time()
+        entry = embed_items(cfg.embed.replace(data=prep.output))
+        log(f"      item text: {entry['items']:,} vectors ({entry['dim']}-d, {entry['model']}) in {entry['seconds']} s")
+        summary["embed"] = entry
+        summary["seconds"]["embed"] = round(time.time() - t_embed, 1)
     data_location = prep.output
     if cfg.storage_path:
         data_location = publish(prep.output, _storage(cfg, "prepared"))
         log(f"      published to {redact(data_location)}")
     summary["data"] = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items")}
-    summary["seconds"]["prepare"] = round(time.time() - t, 1)
+    summary["seconds"]["prepare"] = round(time.time() - t - summary["seconds"].get("embed", 0.0), 1)
 
     # 2. train or tune
     if cfg.stage == "train":

@@ -20,7 +20,15 @@ def test_paths_between_stages_derive_from_output(tmp_path):
     assert cfg.prepare.output == cfg.train.data == f"{root}/prepared"
     assert cfg.train.output == f"{root}/model"
     assert cfg.serve.model_dir == f"{root}/best"
-    assert cfg.tune is None
+    assert cfg.tune is None and cfg.embed is None
+
+
+@pytest.mark.parametrize("data", [{"train": {"model": {"use_text": True}}},
+                                  {"stage": "tune", "tune": {"train": {"model": {"use_text": True}}}},
+                                  {"embed": {"batch_size": 32}}])
+def test_a_model_that_reads_text_gets_an_embed_step_on_the_prepared_data(tmp_path, data):
+    cfg = PipelineConfig.from_dict({"output": str(tmp_path), **data})
+    assert cfg.embed is not None and cfg.embed.data == f"{tmp_path}/prepared"
 
 
 def test_given_paths_are_kept_and_relative_output_is_made_absolute(tmp_path, monkeypatch):

@@ -95,3 +95,18 @@ def test_cold_items_are_learned_from_text_and_served(embedded, tmp_path):
     served = {item["item_id"] for answer in answers for item in answer.items}
     cold_ids = {ids[i] for i in np.flatnonzero(held_out)}
     assert served & cold_ids, "no cold item was ever recommended"
+
+
+def test_pipeline_with_a_text_model_embeds_the_items_before_training(ray_local, tmp_path):
+    from raysrec.pipeline import PipelineConfig, run_pipeline  # noqa: PLC0415
+
+    cfg = PipelineConfig.from_dict({
+        "output": str(tmp_path / "run"), "deploy": False,
+        "synth": {"num_users": 120, "num_items": 80, "num_events": 4000, "num_categories": 6},
+        "train": {"epochs": 1, "model": {"use_text": True, "hidden_dim": 16, "num_heads": 1, "num_layers": 1,
+                                         "max_length": 10}}})
+    summary = run_pipeline(cfg, log=lambda *a, **k: None)
+    assert summary["embed"]["items"] == summary["data"]["num_items"] and summary["embed"]["dim"] == 384
+    assert "embed" in summary["seconds"]
+    rec = Recommender.load(tmp_path / "run" / "best")
+    assert rec.model.cfg.use_text and rec.model.text_vectors.shape == (summary["data"]["num_items"] + 1, 384)
