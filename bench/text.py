@@ -10,7 +10,10 @@
 Each training run is a real Ray Train run (1 worker) with early stopping on valid NDCG@10. Results
 are appended to ``--results`` as JSON lines, and the table is printed from that file.
 
-    python bench/text.py [--seeds 0] [--cold 0.2] [--only warm cold]
+    python bench/text.py [--seeds 0] [--cold 0.2] [--only warm cold] [--id-dropout 0.5]
+
+``--id-dropout`` (text variants only) drops that share of the item ID embeddings at each training
+step, so the text path alone has to rank well (DropoutNet): what cold items need.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["ids", "text"], choices=["ids", "text"],
                         help="warm ids-only runs equal bench/accuracy.py's ml-100k/sasrec/ce runs of the same "
                              "seed; the table falls back to those when this file has none")
+    parser.add_argument("--id-dropout", type=float, default=0.0, help="model.id_dropout of the text variants")
     args, results = run_options(parser, "text")
     if not args.table_only:
         ensure_ray(num_cpus=args.num_cpus)
@@ -54,13 +58,17 @@ def main() -> None:
         for protocol in args.only:
             for text in [v == "text" for v in args.variants]:
                 for seed in args.seeds:
-                    cfg = TrainConfig(data=str(data), output=str(work / "runs" / protocol / f"text{int(text)}-s{seed}"),
-                                      model=ModelConfig(use_text=text), seed=seed, epochs=args.epochs,
+                    id_dropout = args.id_dropout if text else 0.0
+                    name = f"text{int(text)}" + (f"-iddrop{id_dropout:g}" if id_dropout else "") + f"-s{seed}"
+                    cfg = TrainConfig(data=str(data), output=str(work / "runs" / protocol / name),
+                                      model=ModelConfig(use_text=text, id_dropout=id_dropout), seed=seed,
+                                      epochs=args.epochs,
                                       patience=args.patience, cpus_per_worker=args.num_cpus,
                                       cold_items=args.cold if protocol == "cold" else 0.0)
                     started = time.time()
                     metrics = fit(cfg)
-                    row = {"protocol": protocol, "text": text, "seed": seed, "cold_share": cfg.cold_items,
+                    row = {"protocol": protocol, "text": text, "id_dropout": id_dropout, "seed": seed,
+                           "cold_share": cfg.cold_items,
                            "test_ndcg@10": metrics["test"]["ndcg@10"], "test_hr@10": metrics["test"]["hr@10"],
                            "epochs": metrics["epochs"], "wall_seconds": round(time.time() - started, 1)}
                     if protocol == "cold":
@@ -74,8 +82,15 @@ def main() -> None:
     table(results)
 
 
+def variant(text: bool, id_dropout: float) -> str:
+    return "sasrec" + (" + text" if text else "") + (f", ID dropout {id_dropout:g}" if id_dropout else "")
+
+
 def table(results: Path) -> None:
     frame = pd.read_json(results, lines=True)
+    if "id_dropout" not in frame:
+        frame["id_dropout"] = 0.0
+    frame["id_dropout"] = frame["id_dropout"].fillna(0.0)
     num_items = 1682
     reference = results.parent / "accuracy.jsonl"
     if reference.is_file() and not ((frame.protocol == "warm") & ~frame.text).any():
@@ -83,16 +98,16 @@ def table(results: Path) -> None:
         acc = acc[(acc.data == "ml-100k") & (acc.model == "sasrec") & (acc["loss"] == "ce")]
         seeds = set(frame[frame.protocol == "warm"].seed)
         acc = acc[acc.seed.isin(seeds)]
-        frame = pd.concat([frame, pd.DataFrame({"protocol": "warm", "text": False, "seed": acc.seed,
+        frame = pd.concat([frame, pd.DataFrame({"protocol": "warm", "text": False, "id_dropout": 0.0, "seed": acc.seed,
                                                 "test_ndcg@10": acc["test_ndcg@10"], "test_hr@10": acc["test_hr@10"],
                                                 "epochs": acc.epochs})], ignore_index=True)
-    warm = frame[frame.protocol == "warm"].groupby("text").agg(
+    warm = frame[frame.protocol == "warm"].groupby(["text", "id_dropout"]).agg(
         seeds=("seed", "count"), ndcg=("test_ndcg@10", "mean"), hr=("test_hr@10", "mean"), epochs=("epochs", "mean"))
     if len(warm):
         print("\nWarm (all items in training), ML-100K, full ranking:")
         print("| model | seeds | test NDCG@10 | test HR@10 | epochs |\n| --- | --- | --- | --- | --- |")
-        for text, r in warm.iterrows():
-            print(f"| sasrec{' + text' if text else ''} | {r.seeds} | {r.ndcg:.4f} | {r.hr:.4f} | {r.epochs:.0f} |")
+        for (text, drop), r in warm.iterrows():
+            print(f"| {variant(text, drop)} | {int(r.seeds)} | {r.ndcg:.4f} | {r.hr:.4f} | {r.epochs:.0f} |")
     cold = frame[frame.protocol == "cold"]
     if len(cold):
         share = cold.cold_share.iloc[0]
@@ -101,10 +116,10 @@ def table(results: Path) -> None:
         print("| --- | --- | --- | --- | --- | --- | --- |")
         print(f"| random | - | - | {10 / num_items:.4f} | - | - | - |")
         print("| popularity | - | - | 0.0000 | 0.0000 | - | - |")
-        for text, r in cold.groupby("text").agg(
+        for (text, drop), r in cold.groupby(["text", "id_dropout"]).agg(
                 seeds=("seed", "count"), rows=("cold_rows", "mean"), chr=("cold_hr@10", "mean"),
                 cndcg=("cold_ndcg@10", "mean"), whr=("warm_hr@10", "mean"), ndcg=("test_ndcg@10", "mean")).iterrows():
-            print(f"| sasrec{' + text' if text else ''} | {r.seeds} | {r.rows:.0f} | {r.chr:.4f} | {r.cndcg:.4f} | "
+            print(f"| {variant(text, drop)} | {int(r.seeds)} | {r.rows:.0f} | {r.chr:.4f} | {r.cndcg:.4f} | "
                   f"{r.whr:.4f} | {r.ndcg:.4f} |")
 
 

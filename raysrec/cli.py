@@ -70,7 +70,7 @@ TRAIN_FLAGS = {
     "num_layers": "model.num_layers", "num_heads": "model.num_heads", "dropout": "model.dropout",
     "max_length": "model.max_length", "seed": "seed", "num_workers": "num_workers", "use_gpu": "use_gpu",
     "cpus_per_worker": "cpus_per_worker", "resume_from": "resume_from", "storage_path": "storage_path",
-    "use_text": "model.use_text", "cold_items": "cold_items",
+    "use_text": "model.use_text", "id_dropout": "model.id_dropout", "cold_items": "cold_items",
 }
 
 
@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", default=None, dest="use_gpu")
     p.add_argument("--use-text", action="store_const", const=True, dest="use_text",
                    help="fuse the item text vectors of `raysrec embed-items` into the item representation")
+    p.add_argument("--id-dropout", type=float, dest="id_dropout",
+                   help="with --use-text: share of item ID embeddings dropped per step, so the text alone ranks "
+                        "well (for cold-start items)")
     p.add_argument("--cold-items", type=float, dest="cold_items",
                    help="cold-start protocol: hold this share of the items out of training (loss ce)")
     p.add_argument("--resume-from", dest="resume_from", help="a checkpoint folder to continue from")

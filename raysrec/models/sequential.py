@@ -43,6 +43,10 @@ class ModelConfig(Config):
     # added to the ID embedding on the input and the output side
     use_text: bool = False
     text_dim: int = 0                      # set from the data, like num_items
+    # with text: the share of items whose ID embedding is dropped at each training step (the same items
+    # on the input and the output side), so the text path alone must rank well (DropoutNet, Volkovs et
+    # al., NeurIPS 2017): what lets items never seen in training compete with the ones that were
+    id_dropout: float = 0.0
 
     def validate(self) -> None:
         check(self.hidden_dim > 0 and self.hidden_dim % self.num_heads == 0,
@@ -51,6 +55,9 @@ class ModelConfig(Config):
         check(0.0 <= self.dropout < 1.0, "model.dropout must be in [0, 1)")
         check(self.max_length >= 2, "model.max_length must be >= 2")
         check(1 <= self.short_window <= self.max_length, "model.short_window must be in [1, max_length]")
+        check(0.0 <= self.id_dropout < 1.0, "model.id_dropout must be in [0, 1)")
+        check(self.id_dropout == 0.0 or self.use_text, "model.id_dropout needs model.use_text (the text path "
+              "is what represents an item whose ID embedding is dropped)")
 
 
 class SequentialRecommender(nn.Module):
@@ -69,6 +76,7 @@ class SequentialRecommender(nn.Module):
             # vectors of every item, including items never seen in training (cold start).
             self.register_buffer("text_vectors", torch.zeros(cfg.num_items + 1, cfg.text_dim))
             self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden_dim, bias=False)
+        self._id_keep: Optional[torch.Tensor] = None   # (N+1, 1) this training step's ID-dropout mask
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -97,11 +105,26 @@ class SequentialRecommender(nn.Module):
         """(...) item indices -> (..., d) item representations (ID embedding [+ projected text])."""
         rows = self.item_emb(item_ids)
         if self.cfg.use_text:
+            if self._id_keep is not None:
+                rows = rows * self._id_keep[item_ids]
             rows = rows + self.text_proj(self.text_vectors[item_ids])
         return rows
 
+    def train(self, mode: bool = True):
+        self._id_keep = None     # no mask outlives the training step that drew it
+        return super().train(mode)
+
+    def _sample_id_dropout(self) -> None:
+        """A new ID-dropout mask per training forward; the loss's output-side table reuses it."""
+        if self.training and self.cfg.id_dropout > 0:
+            keep = torch.rand(self.cfg.num_items + 1, 1, device=self.item_emb.weight.device) >= self.cfg.id_dropout
+            self._id_keep = keep.to(self.item_emb.weight.dtype)
+        else:
+            self._id_keep = None
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L, d). Left padding means position L-1 is always the newest item."""
+        self._sample_id_dropout()   # embed opens every forward
         length = input_ids.shape[1]
         x = self.item_rows(input_ids) * math.sqrt(self.cfg.hidden_dim)
         x = x + self.pos_emb.weight[-length:][None]
@@ -110,7 +133,8 @@ class SequentialRecommender(nn.Module):
     def item_vectors(self) -> torch.Tensor:
         """(N+1, d): the output-side table, the same representation as the input side (tied)."""
         if self.cfg.use_text:
-            return self.item_emb.weight + self.text_proj(self.text_vectors)
+            ids = self.item_emb.weight if self._id_keep is None else self.item_emb.weight * self._id_keep
+            return ids + self.text_proj(self.text_vectors)
         return self.item_emb.weight
 
     def score_all(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,27 @@ def test_pipeline_with_a_text_model_embeds_the_items_before_training(ray_local, 
     assert "embed" in summary["seconds"]
     rec = Recommender.load(tmp_path / "run" / "best")
     assert rec.model.cfg.use_text and rec.model.text_vectors.shape == (summary["data"]["num_items"] + 1, 384)
+
+
+def test_id_dropout_drops_the_same_items_on_both_sides_and_only_while_training():
+    cfg = ModelConfig(num_items=50, hidden_dim=8, num_heads=1, num_layers=1, max_length=4, use_text=True,
+                      text_dim=3, id_dropout=0.5)
+    model = build_model(cfg)
+    model.set_text_vectors(torch.randn(51, 3))
+    with torch.no_grad():
+        model.item_emb.weight.normal_()
+    text_only = model.text_proj(model.text_vectors)
+    ids = torch.arange(1, 51).view(5, 10)[:, :4]
+    model.train()
+    torch.manual_seed(0)
+    model({"input_ids": ids})
+    table = model.item_vectors()
+    dropped = torch.isclose(table, text_only).all(-1)
+    assert 10 < int(dropped[1:].sum()) < 40                               # about half of the 50 items
+    rows = model.item_rows(ids)                                           # input side: the same items dropped
+    assert torch.equal(torch.isclose(rows, text_only[ids]).all(-1), dropped[ids])
+    model.eval()
+    model({"input_ids": ids})
+    assert not torch.isclose(model.item_vectors(), text_only).all(-1)[1:].any()   # evaluation: every ID kept
+    with pytest.raises(Exception, match="id_dropout needs model.use_text"):
+        ModelConfig(num_items=5, id_dropout=0.3).validate()
