@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 from accuracy import prepared, run_options  # same folder
 
+from raysrec.data.sequences import PreparedData, held_out_items
 from raysrec.models.sequential import ModelConfig
 from raysrec.ray_utils import ensure_ray
 from raysrec.text.embed import EmbedConfig, embed_items
@@ -72,14 +73,22 @@ def main() -> None:
                            "test_ndcg@10": metrics["test"]["ndcg@10"], "test_hr@10": metrics["test"]["hr@10"],
                            "epochs": metrics["epochs"], "wall_seconds": round(time.time() - started, 1)}
                     if protocol == "cold":
-                        for part in ("cold", "warm"):
+                        for part in ("cold", "warm", "cold_among_cold"):
                             row.update({f"{part}_rows": metrics[f"test_{part}"]["rows"],
                                         f"{part}_hr@10": metrics[f"test_{part}"]["hr@10"],
                                         f"{part}_ndcg@10": metrics[f"test_{part}"]["ndcg@10"]})
+                        row["cold_items"] = int(held_out_items(num_items(data), cfg.cold_items, seed).sum())
                     with results.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     print(json.dumps(row), flush=True)
     table(results)
+
+
+NUM_ITEMS = 1682   # ML-100K
+
+
+def num_items(data: Path) -> int:
+    return PreparedData.load(data).num_items
 
 
 def variant(text: bool, id_dropout: float) -> str:
@@ -91,7 +100,6 @@ def table(results: Path) -> None:
     if "id_dropout" not in frame:
         frame["id_dropout"] = 0.0
     frame["id_dropout"] = frame["id_dropout"].fillna(0.0)
-    num_items = 1682
     reference = results.parent / "accuracy.jsonl"
     if reference.is_file() and not ((frame.protocol == "warm") & ~frame.text).any():
         acc = pd.read_json(reference, lines=True)
@@ -111,15 +119,22 @@ def table(results: Path) -> None:
     cold = frame[frame.protocol == "cold"]
     if len(cold):
         share = cold.cold_share.iloc[0]
-        print(f"\nCold start: {share:.0%} of the items held out of training; test users whose item is one of them:")
-        print("| model | seeds | cold rows | cold HR@10 | cold NDCG@10 | warm HR@10 | all-test NDCG@10 |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        print(f"| random | - | - | {10 / num_items:.4f} | - | - | - |")
-        print("| popularity | - | - | 0.0000 | 0.0000 | - | - |")
-        for (text, drop), r in cold.groupby(["text", "id_dropout"]).agg(
-                seeds=("seed", "count"), rows=("cold_rows", "mean"), chr=("cold_hr@10", "mean"),
-                cndcg=("cold_ndcg@10", "mean"), whr=("warm_hr@10", "mean"), ndcg=("test_ndcg@10", "mean")).iterrows():
-            print(f"| {variant(text, drop)} | {int(r.seeds)} | {r.rows:.0f} | {r.chr:.4f} | {r.cndcg:.4f} | "
+        n_cold = int(cold.cold_items.dropna().iloc[0]) if "cold_items" in cold and cold.cold_items.notna().any() \
+            else round(share * NUM_ITEMS)
+        print(f"\nCold start: {share:.0%} of the items ({n_cold}) held out of training; test users whose item is one "
+              "of them. Ranked among all items (full), and among the held-out items only (new items):")
+        print("| model | seeds | cold rows | full: HR@10 | full: NDCG@10 | new items: HR@10 | new items: NDCG@10 | "
+              "warm HR@10 | all-test NDCG@10 |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| random | - | - | {10 / NUM_ITEMS:.4f} | - | {10 / n_cold:.4f} | - | - | - |")
+        print("| popularity (cold items have no interactions) | - | - | 0.0000 | 0.0000 | = random | - | - | - |")
+        agg = {"seeds": ("seed", "count"), "rows": ("cold_rows", "mean"), "chr": ("cold_hr@10", "mean"),
+               "cndcg": ("cold_ndcg@10", "mean"), "whr": ("warm_hr@10", "mean"), "ndcg": ("test_ndcg@10", "mean")}
+        if "cold_among_cold_hr@10" in cold:
+            agg.update(nhr=("cold_among_cold_hr@10", "mean"), nndcg=("cold_among_cold_ndcg@10", "mean"))
+        for (text, drop), r in cold.groupby(["text", "id_dropout"]).agg(**agg).iterrows():
+            new = f"{r.nhr:.4f} | {r.nndcg:.4f}" if "nhr" in r else "- | -"
+            print(f"| {variant(text, drop)} | {int(r.seeds)} | {r.rows:.0f} | {r.chr:.4f} | {r.cndcg:.4f} | {new} | "
                   f"{r.whr:.4f} | {r.ndcg:.4f} |")
 
 

@@ -114,7 +114,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if os.path.isdir(os.path.join(model_dir, "checkpoint")):
         model_dir = os.path.join(model_dir, "checkpoint")
     metrics = evaluate_checkpoint(args.data, model_dir, protocol=args.protocol, split=args.split, seed=args.seed,
-                                  targets=args.targets)
+                                  targets=args.targets, candidates=args.candidates)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--targets", choices=["all", "cold", "warm"], default="all",
                    help="cold/warm: only targets among / outside the items held out by --cold-items")
+    p.add_argument("--candidates", choices=["all", "cold"], default="all",
+                   help="cold (with --targets cold): rank the target among the held-out items only")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("embed-items", help="encode item text with a language model (Ray Data actor pool)")

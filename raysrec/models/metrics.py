@@ -12,10 +12,16 @@ from typing import Optional
 import torch
 
 
-def full_ranking_ranks(scores: torch.Tensor, targets: torch.Tensor, history: Optional[torch.Tensor]) -> torch.Tensor:
-    """0-based rank of each target; ``scores`` (B, N+1), ``targets`` (B,), ``history`` (B, H) 0-padded."""
+def full_ranking_ranks(scores: torch.Tensor, targets: torch.Tensor, history: Optional[torch.Tensor],
+                       allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-based rank of each target; ``scores`` (B, N+1), ``targets`` (B,), ``history`` (B, H) 0-padded.
+
+    ``allowed`` (N+1,) bool restricts the candidates (e.g. to new items); the target always competes.
+    """
     scores = scores.float().clone()
     target_score = scores.gather(1, targets[:, None])                          # (B, 1)
+    if allowed is not None:
+        scores.masked_fill_(~allowed.to(scores.device), float("-inf"))
     if history is not None:
         scores.scatter_(1, history, float("-inf"))
     scores[:, 0] = float("-inf")

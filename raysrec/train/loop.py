@@ -88,8 +88,11 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
 @torch.no_grad()
 def evaluate(model: SequentialRecommender, examples: Examples, cfg: TrainConfig, device: torch.device,
              protocol: str = "full", rank: int = 0, world_size: int = 1, num_sampled: int = 100,
-             seed: int = 0) -> np.ndarray:
-    """Metric sums over this worker's evaluation rows: [count, then metric_sums in key order]."""
+             seed: int = 0, allowed: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Metric sums over this worker's evaluation rows: [count, then metric_sums in key order].
+
+    ``allowed`` (full protocol): a (N+1,) bool mask of the items that compete with the target.
+    """
     model.eval()
     ks = list(cfg.metric_ks)
     keys = metric_keys(ks)
@@ -102,7 +105,7 @@ def evaluate(model: SequentialRecommender, examples: Examples, cfg: TrainConfig,
             hidden = model(batch)[:, -1]                                        # (B, d) newest position
         targets = batch["target_ids"][:, -1]
         if protocol == "full":
-            ranks = full_ranking_ranks(model.score_all(hidden.float()), targets, batch["history"])
+            ranks = full_ranking_ranks(model.score_all(hidden.float()), targets, batch["history"], allowed)
         else:
             candidates = sampled_candidates(targets, batch["history"], num_items, num_sampled, generator)
             ranks = sampled_ranks(model.score_items(hidden.float(), candidates))
@@ -300,11 +303,13 @@ def format_epoch(m: dict[str, Any]) -> str:
 
 def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: str = "full",
                         split: str = "test", device: str = "cpu", seed: int = 0,
-                        targets: str = "all") -> dict[str, float]:
+                        targets: str = "all", candidates: str = "all") -> dict[str, float]:
     """Re-score a checkpoint on the valid or test targets of a prepared folder.
 
     ``targets``: ``all``, or (for a model trained with ``cold_items``) only the rows whose target is
-    a held-out ``cold`` item, or a ``warm`` one.
+    a held-out ``cold`` item, or a ``warm`` one. ``candidates``: ``all`` items compete (full
+    ranking), or only the held-out ``cold`` ones (the item cold-start protocol of DropoutNet and its
+    successors: how well new items are ranked among the new items, e.g. for a "new arrivals" slot).
     """
     model, cfg, _ = ckpt.load_checkpoint(model_dir, map_location=device)
     data = PreparedData.load(data_dir)
@@ -322,5 +327,11 @@ def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: s
             raise ValueError(f"targets={targets!r} needs a model trained with cold_items > 0")
         is_cold = cold[examples.target_ids[:, -1]]
         examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
-    totals = evaluate(model, examples, cfg, torch.device(device), protocol=protocol, seed=seed)
+    allowed = None
+    if candidates == "cold":
+        if cold is None or targets != "cold" or protocol != "full":
+            raise ValueError("candidates='cold' needs a model trained with cold_items > 0, targets='cold' and "
+                             "the full protocol")
+        allowed = torch.from_numpy(np.asarray(cold, bool))
+    totals = evaluate(model, examples, cfg, torch.device(device), protocol=protocol, seed=seed, allowed=allowed)
     return {**summarize(totals, cfg.metric_ks, ""), "rows": int(totals[0])}

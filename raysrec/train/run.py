@@ -59,6 +59,8 @@ def fit(cfg: TrainConfig, use_ray: bool = True) -> dict[str, Any]:
         for part in ("cold", "warm"):
             metrics[f"test_{part}"] = evaluate_checkpoint(cfg.data, out / CHECKPOINT_DIR, split="test", device=device,
                                                           targets=part)
+        metrics["test_cold_among_cold"] = evaluate_checkpoint(cfg.data, out / CHECKPOINT_DIR, split="test",
+                                                              device=device, targets="cold", candidates="cold")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pd.DataFrame(history).to_csv(out / "history.csv", index=False)
     plot_history(history, out / "training_curve.png", title=f"{cfg.model.name} ({cfg.loss})")

@@ -73,6 +73,11 @@ def test_full_ranking_masks_history_but_never_the_target():
     ranks = full_ranking_ranks(scores, torch.tensor([3]), torch.tensor([[1, 2, 3]]))
     assert ranks.tolist() == [0]
     assert full_ranking_ranks(scores, torch.tensor([3]), None).tolist() == [2]
+    # candidates restricted to items 2..4 (e.g. new items): only item 2 is above; the target competes even
+    # when the mask leaves it out
+    allowed = torch.tensor([False, False, True, True, True])
+    assert full_ranking_ranks(scores, torch.tensor([3]), None, allowed).tolist() == [1]
+    assert full_ranking_ranks(scores, torch.tensor([1]), None, allowed).tolist() == [0]
     sums = metric_sums(torch.tensor([0, 1, 30]), [10])
     assert sums["hr@10"] == 2 and sums["ndcg@10"] == pytest.approx(1 + 1 / torch.log2(torch.tensor(3.0)).item())
     assert sums["mrr@10"] == pytest.approx(1.5)

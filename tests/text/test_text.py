@@ -84,6 +84,9 @@ def test_cold_items_are_learned_from_text_and_served(embedded, tmp_path):
     # model recognises their category.
     assert cold["hr@10"] > 2 * random_hr and cold["hr@10"] > ids_only["test_cold"]["hr@10"] + 0.05
     assert with_text["test_warm"]["hr@10"] > random_hr
+    # Among the new items only (the cold-start protocol of the literature): fewer competitors, never a worse rank.
+    among = with_text["test_cold_among_cold"]
+    assert among["rows"] == cold["rows"] and among["hr@10"] >= cold["hr@10"] and among["hr@10"] > 10 / 40
 
     # Served, cold items come back in recommendations (they have vectors, though no interactions).
     rec = Recommender.load(tmp_path / "text")
