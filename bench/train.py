@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from raysrec.data.sequences import PreparedData, iterate_batches, training_examples
+from raysrec.data.examples import iterate_batches, training_examples
+from raysrec.data.storage import PreparedData
 from raysrec.models.losses import full_softmax_ce
 from raysrec.models.sequential import ModelConfig, build_model
 from raysrec.ray_utils import ensure_ray

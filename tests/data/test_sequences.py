@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raysrec.data.sequences import (
-    SequenceSet,
-    evaluation_examples,
-    iterate_batches,
-    sample_negatives,
-    training_examples,
-)
+from raysrec.data.examples import evaluation_examples, iterate_batches, sample_negatives, training_examples
+from raysrec.data.storage import SequenceSet
 
 
 def seqs():

@@ -1,0 +1,118 @@
+"""A prepared data folder and the per-user sequences it holds.
+
+Sequences are held as CSR arrays (``offsets`` + flat ``items``/``times``): a million users cost a
+few flat arrays, not a million Python lists. The folder may be local or on any pyarrow
+filesystem, so workers on every node of a cluster read their shards from shared storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE
+from raysrec.errors import InputError
+from raysrec.files import filesystem
+
+
+@dataclasses.dataclass
+class SequenceSet:
+    """Per-user item sequences in CSR form; ``items[offsets[u]:offsets[u+1]]`` is user ``u``'s."""
+
+    user_index: np.ndarray   # (U,) int32
+    offsets: np.ndarray      # (U+1,) int64
+    items: np.ndarray        # (E,) int32, 1..num_items
+    times: np.ndarray        # (E,) float64
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.user_index)
+
+    def sequence(self, u: int) -> np.ndarray:
+        return self.items[self.offsets[u]:self.offsets[u + 1]]
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> SequenceSet:
+        seq = table.column("sequence").combine_chunks()
+        times = table.column("timestamps").combine_chunks()
+        offsets = seq.offsets.to_numpy().astype(np.int64)
+        base = offsets[0]
+        return cls(table.column("user_index").to_numpy().astype(np.int32), offsets - base,
+                   seq.values.to_numpy()[base:offsets[-1]].astype(np.int32),
+                   times.values.to_numpy()[base:offsets[-1]].astype(np.float64))
+
+    @classmethod
+    def from_lists(cls, sequences: list[list[int]], times: Optional[list[list[float]]] = None) -> SequenceSet:
+        lengths = np.array([len(s) for s in sequences], np.int64)
+        flat_times = (np.concatenate([np.asarray(t, np.float64) for t in times]) if times
+                      else np.concatenate([np.arange(n, dtype=np.float64) for n in lengths]))
+        return cls(np.arange(len(sequences), dtype=np.int32), np.concatenate([[0], np.cumsum(lengths)]),
+                   np.concatenate([np.asarray(s, np.int32) for s in sequences]), flat_times)
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """A folder written by ``raysrec prepare``: manifest, items table and sequence shards.
+
+    The folder may be local or on any pyarrow filesystem (``s3://bucket/prepared``), so training
+    workers on other nodes of a cluster read their shards straight from shared storage.
+    """
+
+    root: str
+    manifest: dict
+    items: pd.DataFrame
+    fs: pafs.FileSystem = dataclasses.field(default_factory=pafs.LocalFileSystem, repr=False)
+    path: str = ""
+
+    @classmethod
+    def load(cls, root: str | Path) -> PreparedData:
+        fs, path = filesystem(root)
+        manifest_path = f"{path}/{MANIFEST_FILE}"
+        if fs.get_file_info(manifest_path).type != pafs.FileType.File:
+            raise InputError("not a prepared data folder (no manifest.json): run `raysrec prepare` first", path=str(root))
+        with fs.open_input_stream(manifest_path) as handle:
+            manifest = json.loads(handle.read().decode())
+        items = pq.read_table(f"{path}/{ITEMS_FILE}", filesystem=fs).to_pandas()
+        return cls(str(root), manifest, items, fs, path)
+
+    def copy_file(self, name: str, dest: str | Path) -> Path:
+        """Copy one file of the folder (e.g. ``items.parquet``) to a local path."""
+        with self.fs.open_input_stream(f"{self.path}/{name}") as src, open(dest, "wb") as out:
+            while chunk := src.read(8 << 20):
+                out.write(chunk)
+        return Path(dest)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.manifest["num_items"])
+
+    @property
+    def has_timestamps(self) -> bool:
+        return bool(self.manifest.get("has_timestamps", False))
+
+    def shard_files(self) -> list[str]:
+        return [f"{self.path}/{s['file']}" for s in self.manifest["shards"]]
+
+    def read(self, files: Optional[list[str]] = None) -> SequenceSet:
+        files = self.shard_files() if files is None else files
+        table = pa.concat_tables([pq.read_table(f, filesystem=self.fs) for f in files]) if files else None
+        if table is None:
+            return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0))
+        return SequenceSet.from_table(table.sort_by("user_index"))
+
+    def item_popularity(self) -> np.ndarray:
+        """Interaction count per item index (index 0, padding, gets 0)."""
+        counts = np.zeros(self.num_items + 1, np.int64)
+        counts[self.items["item_index"].to_numpy()] = self.items["count"].to_numpy()
+        return counts
