@@ -27,7 +27,8 @@ from pathlib import Path
 import pandas as pd
 from accuracy import prepared, run_options  # same folder
 
-from raysrec.data.sequences import PreparedData, held_out_items
+from raysrec.data.storage import PreparedData
+from raysrec.evaluation import held_out_items
 from raysrec.models.sequential import ModelConfig
 from raysrec.ray_utils import ensure_ray
 from raysrec.text.embed import EmbedConfig, embed_items
@@ -74,9 +75,9 @@ def main() -> None:
                            "epochs": metrics["epochs"], "wall_seconds": round(time.time() - started, 1)}
                     if protocol == "cold":
                         for part in ("cold", "warm", "cold_among_cold"):
-                            row.update({f"{part}_rows": metrics[f"test_{part}"]["rows"],
-                                        f"{part}_hr@10": metrics[f"test_{part}"]["hr@10"],
-                                        f"{part}_ndcg@10": metrics[f"test_{part}"]["ndcg@10"]})
+                            row.update({f"{part}_rows": metrics["cold"][f"test_{part}"]["rows"],
+                                        f"{part}_hr@10": metrics["cold"][f"test_{part}"]["hr@10"],
+                                        f"{part}_ndcg@10": metrics["cold"][f"test_{part}"]["ndcg@10"]})
                         row["cold_items"] = int(held_out_items(num_items(data), cfg.cold_items, seed).sum())
                     with results.open("a") as f:
                         f.write(json.dumps(row) + "\n")
@@ -87,30 +88,31 @@ def main() -> None:
 def content_knn(data: Path, share: float, seed: int, last: int = 5) -> dict[str, float]:
     """A training-free baseline for cold items: cosine of each item's text vector with the mean text vector
     of the user's ``last`` history items; HR/NDCG@10 of the cold test targets, among all items and among
-    the held-out ones (the same rows, masks and ranking rule as the models' evaluation)."""
+    the held-out ones, ranked by :mod:`raysrec.evaluation` (the same rows, masks and tie rule as the models)."""
     import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
-    from raysrec.data.sequences import evaluation_examples, without_items  # noqa: PLC0415
+    from raysrec.data.examples import evaluation_examples, history_matrix, subset  # noqa: PLC0415
+    from raysrec.evaluation import full_ranking_ranks, metric_sums, without_items  # noqa: PLC0415
     from raysrec.text.embed import text_vectors  # noqa: PLC0415
 
     prepared = PreparedData.load(data)
-    vectors = text_vectors(prepared.items, prepared.num_items)
+    vectors = torch.from_numpy(text_vectors(prepared.items, prepared.num_items)).float()
     cold = held_out_items(prepared.num_items, share, seed)
     examples = evaluation_examples(without_items(prepared.read(), cold), 50, "test")
-    targets = examples.target_ids[:, -1]
-    out = {"hr_full": 0.0, "ndcg_full": 0.0, "hr_new": 0.0, "ndcg_new": 0.0}
-    rows = np.flatnonzero(cold[targets])
-    for r in rows:
-        history = examples.input_ids[r][examples.input_ids[r] > 0]
-        scores = vectors @ vectors[history[-last:]].mean(0)
-        scores[0] = -np.inf
-        scores[history[history != targets[r]]] = -np.inf
-        for part, candidates in (("full", None), ("new", cold)):
-            s = scores if candidates is None else np.where(candidates, scores, -np.inf)
-            rank = int((s > scores[targets[r]]).sum())
-            if rank < 10:
-                out[f"hr_{part}"] += 1 / len(rows)
-                out[f"ndcg_{part}"] += 1 / np.log2(rank + 2) / len(rows)
+    rows = np.flatnonzero(cold[examples.target_ids[:, -1]])
+    examples = subset(examples, rows)
+    inputs = torch.from_numpy(examples.input_ids[:, -last:])                            # (R, last), 0-padded
+    counts = (inputs > 0).sum(1, keepdim=True).clamp(min=1)
+    profile = vectors[inputs].sum(1) / counts                                         # (R, d) mean text vector
+    scores = profile @ vectors.T                                                      # (R, N+1)
+    targets = torch.from_numpy(examples.target_ids[:, -1])
+    history = history_matrix(examples, np.arange(len(rows)))
+    out = {}
+    for part, allowed in (("full", None), ("new", torch.from_numpy(cold))):
+        sums = metric_sums(full_ranking_ranks(scores, targets, history, allowed), [10])
+        out[f"hr_{part}"] = sums["hr@10"] / max(len(rows), 1)
+        out[f"ndcg_{part}"] = sums["ndcg@10"] / max(len(rows), 1)
     return out
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raysrec.evaluation import full_ranking_ranks, metric_sums, sampled_candidates
 from raysrec.models import losses
 from raysrec.models.layers import causal_mask
-from raysrec.models.metrics import full_ranking_ranks, metric_sums, sampled_candidates
 from raysrec.models.sequential import ModelConfig, build_model
 
 

@@ -1,0 +1,203 @@
+"""Evaluation: ranks with a stated tie rule, the full / sampled / cold-start protocols, summaries.
+
+Everything that scores a model on held-out targets goes through this module: the per-epoch
+validation of the training loop, the final valid/test figures of train and tune, ``raysrec
+evaluate`` and the benchmarks.
+
+**Ranks.** The rank of a target is the number of competing items whose score is *greater than or
+equal to* the target's (0-based). Ties count against the target: a model that gives every item
+the same score ranks each target last, never first. This is the pessimistic rule (RecBole's
+``"full"`` tie breaking is the same idea); it matters where ties are real: untrained rows, cold
+items with identical text, or a saturated score.
+
+**Protocols.**
+
+* ``full``: every item competes; the user's history is masked (the target never is), padding
+  (index 0) never competes. ``allowed`` may restrict the competitors (e.g. to new items).
+* ``sampled`` (the SASRec paper's): the target against ``num_sampled`` items drawn uniformly from
+  those the user never touched.
+* cold start (DropoutNet and its successors): a seeded share of the items is held out of
+  training (:func:`held_out_items`, :func:`without_items`); the test rows whose target is one of
+  them are scored against the whole catalogue, or among the held-out items only.
+
+**Metrics**, with ``r`` the 0-based rank and ``K`` the cut-off, summed over rows (so workers can
+all-reduce the sums) and divided by the row count in :func:`summarize`:
+
+* ``HR@K  = 1[r < K]``
+* ``NDCG@K = 1[r < K] / log2(r + 2)`` (one relevant item: the ideal DCG is 1)
+* ``MRR@K = 1[r < K] / (r + 1)``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from raysrec.data.examples import Examples, evaluation_examples, iterate_batches, subset
+from raysrec.data.storage import PreparedData, SequenceSet
+from raysrec.errors import CheckpointError, ConfigError
+from raysrec.models.sequential import SequentialRecommender, autocast
+
+Protocol = Literal["full", "sampled"]
+
+
+# ---------------------------------------------------------------- ranks and metrics (pure tensors)
+def full_ranking_ranks(scores: torch.Tensor, targets: torch.Tensor, history: Optional[torch.Tensor],
+                       allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-based rank of each target, ties against it; ``scores`` (B, N+1), ``targets`` (B,), ``history`` (B, H)
+    0-padded. ``allowed`` (N+1,) bool restricts the competitors (e.g. to new items); the target always competes.
+    """
+    scores = scores.float().clone()
+    target_score = scores.gather(1, targets[:, None])                          # (B, 1)
+    if allowed is not None:
+        scores.masked_fill_(~allowed.to(scores.device), float("-inf"))
+    if history is not None:
+        scores.scatter_(1, history, float("-inf"))
+    scores[:, 0] = float("-inf")
+    # The target's own column is taken out of the count; every other item scoring >= it ranks above it.
+    scores.scatter_(1, targets[:, None], float("nan"))
+    return (scores >= target_score).sum(1)
+
+
+def sampled_candidates(targets: torch.Tensor, history: Optional[torch.Tensor], num_items: int, num_negatives: int,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(B, 1 + n) candidates: the target first, then n distinct items the user never touched."""
+    seen = torch.zeros(len(targets), num_items + 1, dtype=torch.bool, device=targets.device)
+    if history is not None:
+        seen.scatter_(1, history, True)
+    seen[:, 0] = True
+    seen.scatter_(1, targets[:, None], True)
+    weights = (~seen).float()
+    n = min(num_negatives, int(weights.sum(1).min().item()))
+    negatives = torch.multinomial(weights.cpu(), n, replacement=False, generator=generator).to(targets.device)
+    return torch.cat([targets[:, None], negatives], dim=1)
+
+
+def sampled_ranks(candidate_scores: torch.Tensor) -> torch.Tensor:
+    """0-based rank of column 0 (the target) among the candidates, ties against it."""
+    return (candidate_scores[:, 1:].float() >= candidate_scores[:, :1].float()).sum(1)
+
+
+def metric_keys(ks: Iterable[int]) -> list[str]:
+    return [f"{m}@{k}" for k in ks for m in ("ndcg", "hr", "mrr")]
+
+
+def metric_sums(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
+    """Sums (not means) of NDCG@K, HR@K and MRR@K (formulas in the module docstring)."""
+    out: dict[str, float] = {}
+    ranks = ranks.double()
+    for k in ks:
+        hit = ranks < k
+        out[f"ndcg@{k}"] = float((hit / torch.log2(ranks + 2.0)).sum())
+        out[f"hr@{k}"] = float(hit.sum())
+        out[f"mrr@{k}"] = float((hit / (ranks + 1.0)).sum())
+    return out
+
+
+def summarize(totals: np.ndarray, ks: Iterable[int], prefix: str = "") -> dict[str, float]:
+    """``[count, sums in metric_keys order]`` -> means, keys prefixed (``valid_ndcg@10``)."""
+    count = max(totals[0], 1.0)
+    return {f"{prefix}{key}": float(v / count) for key, v in zip(metric_keys(ks), totals[1:])}
+
+
+# ---------------------------------------------------------------- the cold-start protocol
+def held_out_items(num_items: int, share: float, seed: int) -> np.ndarray:
+    """(num_items + 1,) bool: a seeded ``share`` of the items, held out of training (cold-start protocol)."""
+    mask = np.zeros(num_items + 1, bool)
+    count = int(round(share * num_items))
+    if count:
+        mask[1 + np.random.default_rng([seed, 17]).choice(num_items, count, replace=False)] = True
+    return mask
+
+
+def without_items(seqs: SequenceSet, drop: np.ndarray) -> SequenceSet:
+    """``seqs`` with the items marked in ``drop`` removed from every history, the held-out valid and
+    test items (each user's last two) kept: as if those items had not existed before the split."""
+    keep = ~drop[seqs.items]
+    ends = seqs.offsets[1:]
+    keep[ends - 1] = True
+    keep[ends - 2] = True
+    counts = np.add.reduceat(keep.astype(np.int64), seqs.offsets[:-1]) if len(seqs) else np.zeros(0, np.int64)
+    counts[seqs.lengths == 0] = 0
+    return SequenceSet(seqs.user_index.copy(), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                       seqs.items[keep], seqs.times[keep])
+
+
+# ---------------------------------------------------------------- a model over examples
+@torch.no_grad()
+def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[int], batch_size: int,
+             device: torch.device, bf16: bool = False, protocol: Protocol = "full", rank: int = 0,
+             world_size: int = 1, num_sampled: int = 100, seed: int = 0,
+             allowed: Optional[torch.Tensor] = None) -> np.ndarray:
+    """Metric sums over this worker's share of ``examples``: ``[count, sums in metric_keys(ks) order]``."""
+    model.eval()
+    ks = list(ks)
+    keys = metric_keys(ks)
+    totals = np.zeros(1 + len(keys))
+    generator = torch.Generator().manual_seed(seed)
+    for batch in iterate_batches(examples, batch_size, rank=rank, world_size=world_size, device=device,
+                                 with_history=True):
+        with autocast(device, bf16):
+            hidden = model(batch)[:, -1]                                        # (B, d) newest position
+        targets = batch["target_ids"][:, -1]
+        if protocol == "full":
+            ranks = full_ranking_ranks(model.score_all(hidden.float()), targets, batch["history"], allowed)
+        else:
+            candidates = sampled_candidates(targets, batch["history"], model.cfg.num_items, num_sampled, generator)
+            ranks = sampled_ranks(model.score_items(hidden.float(), candidates))
+        sums = metric_sums(ranks, ks)
+        totals[0] += len(targets)
+        totals[1:] += [sums[k] for k in keys]
+    return totals
+
+
+def check_same_items(checkpoint_items: np.ndarray, data: PreparedData, where: str) -> None:
+    """The checkpoint's item index (original ids in index order) must be the data's, id for id."""
+    data_items = data.items.sort_values("item_index")["item_id"].to_numpy()
+    if len(checkpoint_items) != len(data_items) or not np.array_equal(
+            checkpoint_items.astype(str), data_items.astype(str)):
+        differ = next((i for i, (a, b) in enumerate(zip(checkpoint_items, data_items)) if str(a) != str(b)),
+                      min(len(checkpoint_items), len(data_items)))
+        raise CheckpointError(f"{where}: the model's item index ({len(checkpoint_items)} items) is not the one of "
+                              f"{data.root} ({len(data_items)} items; first difference at index {differ + 1}): "
+                              "evaluate on the prepared folder the model was trained on")
+
+
+def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: Protocol = "full",
+                        split: Literal["valid", "test"] = "test", device: str = "cpu", seed: int = 0,
+                        targets: Literal["all", "cold", "warm"] = "all",
+                        candidates: Literal["all", "cold"] = "all") -> dict[str, float]:
+    """Score a saved model on the valid or test targets of the prepared folder it was trained on.
+
+    ``targets``: ``all``, or (for a model trained with ``cold_items``) only the rows whose target is
+    a held-out ``cold`` item, or a ``warm`` one. ``candidates``: ``all`` items compete, or only the
+    held-out ``cold`` ones (how well new items are ranked among the new items, e.g. for a "new
+    arrivals" slot).
+    """
+    from raysrec import artifact  # noqa: PLC0415  (artifact imports this module for the final figures)
+
+    folder = artifact.resolve(model_dir).checkpoint
+    model, cfg, _ = artifact.load_checkpoint(folder, map_location=device)
+    if targets != "all" and not cfg.cold_items:
+        raise ConfigError(f"targets={targets!r} needs a model trained with cold_items > 0")
+    if candidates == "cold" and (targets != "cold" or protocol != "full"):
+        raise ConfigError("candidates='cold' needs targets='cold' and the full protocol")
+    data = PreparedData.load(data_dir)
+    check_same_items(artifact.item_ids(folder), data, str(model_dir))
+    model.to(device)
+    seqs = data.read()
+    cold = held_out_items(data.num_items, cfg.cold_items, cfg.seed) if cfg.cold_items else None
+    if cold is not None:
+        seqs = without_items(seqs, cold)
+    examples = evaluation_examples(seqs, model.cfg.max_length, split)
+    if cold is not None and targets != "all":
+        is_cold = cold[examples.target_ids[:, -1]]
+        examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
+    allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
+    totals = evaluate(model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=torch.device(device),
+                      bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed)
+    return {**summarize(totals, cfg.metric_ks), "rows": int(totals[0])}
