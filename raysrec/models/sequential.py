@@ -7,6 +7,7 @@ SASRec). The models own only the math: sampling, losses and metrics live elsewhe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Literal, Optional
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysrec.config import Config, check
+from raysrec.config import Config, check, option
 from raysrec.models.layers import Encoder, causal_mask
 
 
@@ -23,14 +24,14 @@ from raysrec.models.layers import Encoder, causal_mask
 class ModelConfig(Config):
     """Architecture; ``num_items`` comes from the prepared data (items are 1..num_items, 0 = padding)."""
 
-    name: Literal["sasrec", "longshort"] = "sasrec"
+    name: Literal["sasrec", "longshort"] = option("sasrec", 'architecture')
     num_items: int = 0
-    hidden_dim: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.2
+    hidden_dim: int = option(64, 'embedding and hidden size')
+    num_layers: int = option(2, 'transformer blocks')
+    num_heads: int = option(2, 'attention heads')
+    dropout: float = option(0.2, 'dropout rate')
     emb_dropout: Optional[float] = None
-    max_length: int = 50
+    max_length: int = option(50, "the model's window: newest items it reads")
     norm_first: bool = True
     ffn_mult: int = 1
     activation: Literal["gelu", "relu"] = "gelu"
@@ -38,15 +39,18 @@ class ModelConfig(Config):
     short_window: int = 8
     short_layers: int = 1
     time_buckets: int = 32
-    use_time_gap: bool = True
+    use_time_gap: bool = True              # switched off for data without real timestamps (manifest)
+    # share of training rows whose time gaps are hidden (bucket 0, "unknown"), so that row is trained and a
+    # request without timestamps is scored with a learned embedding, not an initial one
+    gap_dropout: float = 0.1
     # language-model item text: frozen vectors (``raysrec embed-items``) through a learned projection,
     # added to the ID embedding on the input and the output side
-    use_text: bool = False
+    use_text: bool = option(False, 'fuse the item text vectors of `raysrec embed-items` into the item representation')
     text_dim: int = 0                      # set from the data, like num_items
     # with text: the share of items whose ID embedding is dropped at each training step (the same items
     # on the input and the output side), so the text path alone must rank well (DropoutNet, Volkovs et
     # al., NeurIPS 2017): what lets items never seen in training compete with the ones that were
-    id_dropout: float = 0.0
+    id_dropout: float = option(0.0, 'with use_text: share of item ID embeddings dropped per step, so text alone ranks well (cold items)')
 
     def validate(self) -> None:
         check(self.hidden_dim > 0 and self.hidden_dim % self.num_heads == 0,
@@ -56,6 +60,7 @@ class ModelConfig(Config):
         check(self.max_length >= 2, "model.max_length must be >= 2")
         check(1 <= self.short_window <= self.max_length, "model.short_window must be in [1, max_length]")
         check(0.0 <= self.id_dropout < 1.0, "model.id_dropout must be in [0, 1)")
+        check(0.0 <= self.gap_dropout < 1.0, "model.gap_dropout must be in [0, 1)")
         check(self.id_dropout == 0.0 or self.use_text, "model.id_dropout needs model.use_text (the text path "
               "is what represents an item whose ID embedding is dropped)")
 
@@ -76,7 +81,6 @@ class SequentialRecommender(nn.Module):
             # vectors of every item, including items never seen in training (cold start).
             self.register_buffer("text_vectors", torch.zeros(cfg.num_items + 1, cfg.text_dim))
             self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden_dim, bias=False)
-        self._id_keep: Optional[torch.Tensor] = None   # (N+1, 1) this training step's ID-dropout mask
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -101,39 +105,40 @@ class SequentialRecommender(nn.Module):
             self.text_vectors.copy_(vectors)
             self.text_vectors[0].zero_()
 
-    def item_rows(self, item_ids: torch.Tensor) -> torch.Tensor:
-        """(...) item indices -> (..., d) item representations (ID embedding [+ projected text])."""
+    def item_rows(self, item_ids: torch.Tensor, id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(...) item indices -> (..., d) item representations (ID embedding [+ projected text]).
+
+        ``id_keep`` (N+1, 1): the ID-dropout mask of this training step (see :meth:`id_dropout_mask`).
+        """
         rows = self.item_emb(item_ids)
         if self.cfg.use_text:
-            if self._id_keep is not None:
-                rows = rows * self._id_keep[item_ids]
+            if id_keep is not None:
+                rows = rows * id_keep[item_ids]
             rows = rows + self.text_proj(self.text_vectors[item_ids])
         return rows
 
-    def train(self, mode: bool = True):
-        self._id_keep = None     # no mask outlives the training step that drew it
-        return super().train(mode)
+    def id_dropout_mask(self) -> Optional[torch.Tensor]:
+        """(N+1, 1) 0/1: the items whose ID embedding this training step keeps; ``None`` outside training.
 
-    def _sample_id_dropout(self) -> None:
-        """A new ID-dropout mask per training forward; the loss's output-side table reuses it."""
-        if self.training and self.cfg.id_dropout > 0:
-            keep = torch.rand(self.cfg.num_items + 1, 1, device=self.item_emb.weight.device) >= self.cfg.id_dropout
-            self._id_keep = keep.to(self.item_emb.weight.dtype)
-        else:
-            self._id_keep = None
+        Drawn once per forward and returned with its outputs, so the loss's output-side table drops the
+        same items as the input side.
+        """
+        if not (self.training and self.cfg.id_dropout > 0):
+            return None
+        keep = torch.rand(self.cfg.num_items + 1, 1, device=self.item_emb.weight.device) >= self.cfg.id_dropout
+        return keep.to(self.item_emb.weight.dtype)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, L) -> (B, L, d). Left padding means position L-1 is always the newest item."""
-        self._sample_id_dropout()   # embed opens every forward
         length = input_ids.shape[1]
-        x = self.item_rows(input_ids) * math.sqrt(self.cfg.hidden_dim)
+        x = self.item_rows(input_ids, id_keep) * math.sqrt(self.cfg.hidden_dim)
         x = x + self.pos_emb.weight[-length:][None]
         return self.emb_drop(x) * (input_ids != 0).unsqueeze(-1)
 
-    def item_vectors(self) -> torch.Tensor:
+    def item_vectors(self, id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N+1, d): the output-side table, the same representation as the input side (tied)."""
         if self.cfg.use_text:
-            ids = self.item_emb.weight if self._id_keep is None else self.item_emb.weight * self._id_keep
+            ids = self.item_emb.weight if id_keep is None else self.item_emb.weight * id_keep
             return ids + self.text_proj(self.text_vectors)
         return self.item_emb.weight
 
@@ -147,12 +152,18 @@ class SequentialRecommender(nn.Module):
         """hidden (..., d), item_ids (..., K) -> (..., K)."""
         return (self.item_rows(item_ids) * hidden.unsqueeze(-2)).sum(-1)
 
-    def forward(self, batch: dict[str, torch.Tensor], with_aux: bool = False):
-        """Hidden states (B, L, d); with ``with_aux`` also the auxiliary loss (or ``None``).
-
-        One ``forward`` serves both, so DDP sees every parameter used in a single call.
-        """
+    def forward(self, batch: dict[str, torch.Tensor], train_outputs: bool = False, aux: bool = False):
+        """Hidden states (B, L, d); with ``train_outputs`` a :class:`TrainOutputs` (hidden, the auxiliary loss
+        when ``aux`` and the model has one, the ID-dropout mask). One ``forward`` serves both, so DDP sees every
+        parameter used in a single call."""
         raise NotImplementedError
+
+
+@dataclasses.dataclass
+class TrainOutputs:
+    hidden: torch.Tensor                   # (B, L, d)
+    aux: Optional[torch.Tensor]            # scalar auxiliary loss, or None
+    id_keep: Optional[torch.Tensor]        # (N+1, 1) ID-dropout mask of this step, or None
 
 
 class SASRec(SequentialRecommender):
@@ -164,10 +175,11 @@ class SASRec(SequentialRecommender):
                                cfg.ffn_mult, cfg.activation)
         self._init_weights()
 
-    def forward(self, batch: dict[str, torch.Tensor], with_aux: bool = False):
+    def forward(self, batch: dict[str, torch.Tensor], train_outputs: bool = False, aux: bool = False):
         input_ids = batch["input_ids"]
-        hidden = self.encoder(self.embed(input_ids), causal_mask(input_ids != 0))  # (B, L, d)
-        return (hidden, None) if with_aux else hidden
+        id_keep = self.id_dropout_mask()
+        hidden = self.encoder(self.embed(input_ids, id_keep), causal_mask(input_ids != 0))  # (B, L, d)
+        return TrainOutputs(hidden, None, id_keep) if train_outputs else hidden
 
 
 class LongShortInterest(SequentialRecommender):
@@ -189,37 +201,46 @@ class LongShortInterest(SequentialRecommender):
                             cfg.ffn_mult, cfg.activation)
         self.short = Encoder(cfg.hidden_dim, cfg.num_heads, cfg.short_layers, cfg.dropout, cfg.norm_first,
                              cfg.ffn_mult, cfg.activation)
-        self.gap_emb = nn.Embedding(cfg.time_buckets + 1, cfg.hidden_dim)
-        self.aux_enabled = True  # the trainer turns the disentangling loss off when its weight is 0
+        self.gap_emb = nn.Embedding(cfg.time_buckets + 1, cfg.hidden_dim)   # row 0: gap unknown
         self.gate = nn.Sequential(nn.Linear(3 * cfg.hidden_dim, cfg.hidden_dim), nn.GELU(),
                                   nn.Linear(cfg.hidden_dim, cfg.hidden_dim))
         self._init_weights()
 
     def gap_buckets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, L) bucket of log2(seconds from each input event to its target's time); 0 = unknown."""
+        """(B, L) bucket of log2(seconds from each input event to its target's time); 0 = unknown.
+
+        Unknown: no timestamps in the request or the data, padding, or (training only) a row hidden by
+        ``gap_dropout``, which is what trains row 0 for requests that come without timestamps.
+        """
         if not self.cfg.use_time_gap or "target_times" not in batch:
             return torch.zeros_like(batch["input_ids"])
         gap = (batch["target_times"] - batch["input_times"]).clamp(min=0)
         bucket = torch.log2(gap.float() + 1.0).floor().long() + 1
         known = (batch["input_ids"] != 0) & (batch["target_times"] > 0)
+        if self.training and self.cfg.gap_dropout > 0:
+            rows = torch.rand(known.shape[0], 1, device=known.device) >= self.cfg.gap_dropout   # (B, 1)
+            known = known & rows
         return torch.where(known, bucket.clamp(max=self.cfg.time_buckets), torch.zeros_like(bucket))
 
-    def forward(self, batch: dict[str, torch.Tensor], with_aux: bool = False):
+    def forward(self, batch: dict[str, torch.Tensor], train_outputs: bool = False, aux: bool = False):
         input_ids = batch["input_ids"]
         padding = input_ids != 0
-        x = self.embed(input_ids)
+        id_keep = self.id_dropout_mask()
+        x = self.embed(input_ids, id_keep)
         h_long = self.long(x, causal_mask(padding))                             # (B, L, d)
         h_short = self.short(x, causal_mask(padding, window=self.cfg.short_window))
         e_gap = self.gap_emb(self.gap_buckets(batch))
         g = torch.sigmoid(self.gate(torch.cat([h_long, h_short, e_gap], dim=-1)))
         hidden = g * h_short + (1.0 - g) * h_long
-        if not with_aux:
+        if not train_outputs:
             return hidden
-        return hidden, self._disentangle_loss(input_ids, h_long, h_short) if self.aux_enabled else None
+        aux_loss = self._disentangle_loss(input_ids, h_long, h_short, id_keep) if aux else None
+        return TrainOutputs(hidden, aux_loss, id_keep)
 
-    def _disentangle_loss(self, input_ids: torch.Tensor, h_long: torch.Tensor, h_short: torch.Tensor) -> torch.Tensor:
+    def _disentangle_loss(self, input_ids: torch.Tensor, h_long: torch.Tensor, h_short: torch.Tensor,
+                          id_keep: Optional[torch.Tensor]) -> torch.Tensor:
         padding = (input_ids != 0).float().unsqueeze(-1)
-        e = self.item_rows(input_ids) * padding                                  # (B, L, d)
+        e = self.item_rows(input_ids, id_keep) * padding                                  # (B, L, d)
         csum = e.cumsum(1)
         count = padding.cumsum(1).clamp(min=1)
         p_long = csum / count
@@ -232,6 +253,13 @@ class LongShortInterest(SequentialRecommender):
             F.softplus(sim(h_short, p_long) - sim(h_short, p_short))
         mask = padding.squeeze(-1)
         return (loss * mask).sum() / mask.sum().clamp(min=1)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked for; a no-op elsewhere (CPU runs and evaluates in fp32)."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 MODELS = {"sasrec": SASRec, "longshort": LongShortInterest}
