@@ -5,44 +5,50 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from raysrec.config import Config, check
+from raysrec.config import Config, check, option
 from raysrec.models.sequential import ModelConfig
 
+# What "best" means, everywhere: early stopping, the checkpoint kept, the exported model, the winning trial.
 VALID_METRIC = "valid_ndcg@10"
+VALID_MODE: Literal["max"] = "max"
+
+
+def improves(value: float, best: float) -> bool:
+    """Whether a validation ``value`` beats the ``best`` so far (strictly: a tie keeps the earlier epoch)."""
+    return value > best
 
 
 @dataclasses.dataclass
 class TrainConfig(Config):
-    data: str = ""
-    output: str = ""
+    data: str = option("", 'a folder written by `raysrec prepare` (local path or URI)')
+    output: str = option("", 'output folder (a model folder)')
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    loss: Literal["ce", "sampled", "bce"] = "ce"
+    loss: Literal["ce", "sampled", "bce"] = option("ce", 'ce: full softmax; sampled: sampled softmax with logQ correction; bce: one negative (SASRec paper)')
     num_negatives: int = 256
     negative_sampling: Literal["uniform", "popularity"] = "popularity"
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = option(128, 'sequences per step and worker')
+    lr: float = option(1e-3, 'AdamW learning rate')
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     aux_loss_weight: float = 0.0
     grad_clip: Optional[float] = None
-    epochs: int = 200
-    patience: int = 10
+    epochs: int = option(200, 'maximum epochs')
+    patience: int = option(10, 'stop after this many epochs without a better valid NDCG@10')
     train_windows: Literal["all", "last"] = "all"
     eval_batch_size: int = 256
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])
-    seed: int = 0
-    # Cold-start protocol: this share of the items (seeded) is removed from training histories and
+    seed: int = option(0, 'random seed')
     # from the training softmax; metrics.json then also reports test metrics on targets among them.
-    cold_items: float = 0.0
-    # Ray Train
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 2.0
-    gpus_per_worker: float = 1.0
+    cold_items: float = option(0.0, 'cold-start protocol: hold this share of the items out of training (loss ce)')
+    num_workers: int = option(1, 'Ray Train workers (DDP)')
+    use_gpu: bool = option(False, 'one GPU (or gpus_per_worker) per worker')
+    cpus_per_worker: float = option(2.0, 'CPUs per Ray Train worker')
+    gpus_per_worker: float = option(1.0, 'GPUs per worker; fractions share a GPU')
     bf16: bool = True
     max_failures: int = 3
-    storage_path: Optional[str] = None
-    resume_from: Optional[str] = None
+    storage_path: Optional[str] = option(None, 'Ray Train storage: a folder every node sees or a URI (s3://...)')
+    resume_from: Optional[str] = option(None, 'a checkpoint folder to continue from')
+    verbose: bool = option(False, "also print Ray Train's per-report lines")
 
     def validate(self) -> None:
         check(self.loss in ("ce", "sampled", "bce"), "train.loss must be ce, sampled or bce")
@@ -53,5 +59,6 @@ class TrainConfig(Config):
         check(10 in self.metric_ks, "train.metric_ks must include 10 (early stopping uses valid NDCG@10)")
         check(self.num_negatives >= 1, "train.num_negatives must be >= 1")
         check(0.0 <= self.cold_items < 1.0, "train.cold_items must be in [0, 1)")
+        check(self.max_failures >= 0, "train.max_failures must be >= 0")
         check(self.cold_items == 0.0 or self.loss == "ce",
               "train.cold_items (the cold-start protocol) needs loss ce, which can leave the cold items out")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysrec.train.config import VALID_METRIC, TrainConfig
+from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.train.loop import format_epoch, worker_info
 
 
@@ -62,11 +63,29 @@ class RaySession:
         torch.distributed.all_gather_object(gathered, mine)
         return sorted(gathered, key=lambda w: w["rank"])
 
-    def latest_checkpoint(self) -> Optional[Path]:
+    def latest_checkpoint(self, into: Path) -> Optional[Path]:
         checkpoint = self._train.get_checkpoint()
         if checkpoint is None:
             return None
-        return Path(checkpoint.to_directory(tempfile.mkdtemp(prefix="raysrec-resume-")))
+        return Path(checkpoint.to_directory(str(into / "resume")))
+
+
+# Ray Train V2 logs two long INFO lines per report on every worker ("Reporting training result ...",
+# "Checkpoint successfully created at ..."); raysrec prints its own epoch line instead, and shows Ray's
+# with ``verbose``. The loggers are Ray's internal ones (context.py names its logger after its file).
+_REPORT_LOGGERS = ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage")
+
+
+def quiet_report_logs(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    for module_name in _REPORT_LOGGERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:   # another Ray layout: leave its logging as it is
+            continue
+        for name in (module_name, getattr(module, "__file__", None)):
+            if name:
+                logging.getLogger(name).setLevel(level)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -74,6 +93,7 @@ def train_func(config: dict[str, Any]) -> None:
     from raysrec.train.loop import train_loop  # noqa: PLC0415
 
     cfg = TrainConfig.from_dict(config["train_config"])
+    quiet_report_logs(cfg.verbose)
     if not cfg.use_gpu:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     train_loop(cfg, RaySession())
@@ -99,26 +119,18 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks:
             storage_path=storage_path,
             callbacks=callbacks or None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # Ray always keeps the latest checkpoint too, which is what a restarted worker resumes from.
+            # Keeps the best checkpoint by valid NDCG@10 and, whatever its score, the latest one (Ray never
+            # deletes the latest), which is what a restarted worker resumes from: at most two on storage.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=VALID_METRIC,
-                                               checkpoint_score_order="max"),
+                                               checkpoint_score_order=VALID_MODE),
         ),
     )
 
 
-def run_state(result) -> dict[str, Any]:
-    """The training state of the latest checkpoint: every epoch's metrics (Ray keeps only a few
-    rows) and where the workers ran."""
+def run_history(result) -> list[dict[str, Any]]:
+    """Every epoch's metrics and where the workers ran, from the latest checkpoint's state (Ray's own
+    ``metrics_dataframe`` keeps a row per report too, but not the placement)."""
     if result.checkpoint is None:
-        return {}
+        return []
     with result.checkpoint.as_directory() as folder:  # downloads when storage is remote (s3://, gs://)
-        return json.loads((Path(folder) / "state.json").read_text())
-
-
-def best_checkpoint(result):
-    """The best reported ``ray.train.Checkpoint`` of a finished ``Result`` (by valid NDCG@10)."""
-    scored = [(metrics.get(VALID_METRIC, -1.0), checkpoint) for checkpoint, metrics in result.best_checkpoints]
-    if not scored:
-        raise RuntimeError("the training run reported no checkpoint")
-    _, checkpoint = max(scored, key=lambda pair: pair[0])
-    return checkpoint
+        return list(json.loads((Path(folder) / "state.json").read_text()).get("history", []))

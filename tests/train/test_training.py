@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
+from raysrec import artifact as ckpt
 from raysrec.errors import CheckpointError
 from raysrec.models.sequential import ModelConfig
-from raysrec.train import checkpoint as ckpt
 from raysrec.train.config import TrainConfig
-from raysrec.train.loop import LocalSession, evaluate_checkpoint, train_loop
+from raysrec.train.loop import LocalSession, train_loop
 from raysrec.train.run import fit
 
 SMALL = ModelConfig(hidden_dim=32, num_heads=2, num_layers=1, max_length=20)
@@ -32,9 +35,11 @@ def test_ray_train_two_workers_writes_a_complete_output(ray_local, synth_prepare
     assert saved["epochs"] == 2 and 0 < saved["test"]["ndcg@10"] <= saved["test"]["hr@10"] <= 1
     # A random ranking of 200 items scores HR@10 ~ 0.05; two epochs already beat it clearly.
     assert saved["test"]["hr@10"] > 0.1
-    # `raysrec evaluate` re-scores the same checkpoint to the same figures.
-    again = evaluate_checkpoint(synth_prepared, out / "checkpoint")
-    assert again["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-9)
+    assert saved == metrics and saved["source"] == "train" and saved["best_epoch"] in (1, 2)
+    # both workers reported where they ran, and the saved checkpoint is the best epoch's
+    assert [w["rank"] for w in saved["workers"]] == [0, 1]
+    history = pd.read_csv(out / "history.csv")
+    assert saved["valid"]["ndcg@10"] == pytest.approx(history["valid_ndcg@10"].max(), abs=1e-6)
 
 
 def test_resume_from_a_checkpoint_continues_like_the_uninterrupted_run(synth_prepared, tmp_path):
@@ -79,4 +84,82 @@ def test_cli_evaluate_reports_sampled_and_full_protocols(synth_prepared, tmp_pat
     assert results["sampled"]["hr@10"] > results["full"]["hr@10"]
     proc = subprocess.run([sys.executable, "-m", "raysrec.cli", "evaluate", "--data", str(synth_prepared),
                            "--model", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "checkpoint folder not found" in proc.stderr
+    assert proc.returncode == 2 and "model folder not found" in proc.stderr
+
+
+class _FailingSession(LocalSession):
+    """Resumes from a checkpoint it hands over in the loop's scratch folder, then fails at the first report."""
+
+    def __init__(self, best_dir, resume_source):
+        super().__init__(best_dir)
+        self.verbose = False
+        self.resume_source = resume_source
+        self.scratch = None
+
+    def latest_checkpoint(self, into):
+        import shutil
+
+        self.scratch = into
+        return Path(shutil.copytree(self.resume_source, into / "resume"))
+
+    def report(self, metrics, checkpoint_dir):
+        raise RuntimeError("the report failed")
+
+
+def test_a_failing_run_leaves_no_scratch_files_behind(synth_prepared, tmp_path, monkeypatch):
+    session = LocalSession(tmp_path / "first")
+    session.verbose = False
+    cfg = TrainConfig(data=str(synth_prepared), model=SMALL, epochs=1)
+    train_loop(cfg, session)
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    failing = _FailingSession(tmp_path / "best", tmp_path / "first")
+    with pytest.raises(RuntimeError, match="the report failed"):
+        train_loop(cfg.replace(epochs=2), failing)
+    assert failing.scratch is not None and str(failing.scratch).startswith(str(scratch_root))
+    assert list(scratch_root.iterdir()) == []     # checkpoints, items.parquet and the resume copy: all gone
+
+
+def test_a_user_mistake_in_evaluate_is_one_line_and_exit_2(synth_prepared, tmp_path):
+    session = LocalSession(tmp_path / "best")
+    session.verbose = False
+    train_loop(TrainConfig(data=str(synth_prepared), model=SMALL, epochs=1), session)
+    proc = subprocess.run([sys.executable, "-m", "raysrec.cli", "evaluate", "--data", str(synth_prepared),
+                           "--model", str(tmp_path / "best"), "--targets", "cold"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "cold_items > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_train_prints_one_line_per_epoch_and_takes_relative_paths(synth_prepared, tmp_path):
+    """As a new user types it: relative --data and -o from another working directory, Ray's report noise off."""
+    import os
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(synth_prepared, work / "prepared")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-m", "raysrec.cli", "train", "--data", "prepared", "-o", "model",
+                           "--epochs", "2", "--hidden-dim", "16", "--num-heads", "1", "--num-layers", "1",
+                           "--max-length", "20", "--cpus-per-worker", "1", "--num-cpus", "2"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    epoch_lines = [line for line in output.splitlines() if "valid ndcg@10" in line]
+    assert len(epoch_lines) == 2, output[-3000:]
+    assert "Reporting training result" not in output and "Checkpoint successfully created" not in output
+    assert (work / "model" / "checkpoint" / "model.pt").is_file() and (work / "model" / "metrics.json").is_file()
+
+
+def test_verbose_turns_ray_train_report_lines_back_on():
+    import logging
+
+    from raysrec.train.ray_train import _REPORT_LOGGERS, quiet_report_logs
+
+    quiet_report_logs(verbose=False)
+    assert all(logging.getLogger(name).level == logging.WARNING for name in _REPORT_LOGGERS)
+    quiet_report_logs(verbose=True)
+    assert all(logging.getLogger(name).level == logging.INFO for name in _REPORT_LOGGERS)
