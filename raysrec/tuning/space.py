@@ -24,6 +24,8 @@ from raysrec.config import read_yaml
 from raysrec.errors import ConfigError
 from raysrec.train.config import TrainConfig
 
+REPO = Path(__file__).resolve().parents[2]
+
 KINDS = {"choice", "uniform", "loguniform", "randint", "quniform"}
 
 
@@ -114,3 +116,15 @@ def to_tune(params: list[Param]) -> dict[str, Any]:
         else:
             out[p.path] = tune.quniform(*p.args)
     return out
+
+
+def space_path(name: str) -> Path:
+    """``tune/<name>.yaml`` (working directory first, then the checkout raysrec runs from) or a path."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        candidates = [Path(name)]
+    else:
+        candidates = [Path("tune") / f"{name}.yaml", REPO / "tune" / f"{name}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"search space '{name}' not found (tried {', '.join(str(c) for c in candidates)})")

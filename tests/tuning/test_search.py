@@ -39,7 +39,8 @@ def test_tiny_search_exports_the_best_trial(ray_local, synth_prepared, tmp_path,
     assert {"param.model.dropout", "param.lr", "param.model.num_layers", "valid_ndcg@10"} <= set(trials.columns)
     best = trials.loc[trials["valid_ndcg@10"].idxmax()]
     saved = json.loads((out / "best" / "metrics.json").read_text())
-    assert saved["trial_id"] == best["trial_id"] == summary["trial_id"]
+    assert saved["search"]["trial_id"] == best["trial_id"] == summary["search"]["trial_id"]
+    assert saved["source"] == "tune" and saved["search"]["num_trials"] == 4
     # the exported checkpoint is that trial's: same params, and it re-scores to the trial's valid metric
     assert saved["valid"]["ndcg@10"] == pytest.approx(best["valid_ndcg@10"], abs=1e-6)
     cfg = TrainConfig.load(out / "best" / "train_config.yaml")
@@ -61,7 +62,7 @@ def test_resume_completes_a_search_without_repeating_trials(ray_local, synth_pre
     summary = run_search(search_config(synth_prepared, out, space_file, 2), resume=True)
     again = pd.read_csv(out / "trials.csv")
     assert sorted(again["trial_id"]) == sorted(first["trial_id"])
-    assert summary["num_trials"] == 2
+    assert summary["search"]["num_trials"] == 2
     with pytest.raises(Exception, match="--resume"):
         run_search(search_config(synth_prepared, out, space_file, 2))
 
@@ -77,4 +78,4 @@ def test_asha_stopped_trials_do_not_starve_the_next_ones(ray_local, synth_prepar
     trials = pd.read_csv(tmp_path / "asha" / "trials.csv")
     assert len(trials) == 3 and (trials["status"] == "TERMINATED").all()
     assert trials["epochs"].min() < 3, "ASHA stopped no trial early: the test does not test anything"
-    assert summary["num_trials"] == 3
+    assert summary["search"]["num_trials"] == 3

@@ -1,0 +1,42 @@
+"""The placement-group cleanup releases only groups nothing uses, and spares a live one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from raysrec.tuning.placement import release_leaked_train_groups, supported
+
+pytestmark = pytest.mark.slow
+
+
+def test_cleanup_releases_an_abandoned_group_and_spares_a_live_one(ray_local):
+    ray = ray_local
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if not supported():
+        pytest.skip(f"the cleanup is gated off on Ray {ray.__version__}")
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def ping(self):
+            return "pong"
+
+    live = placement_group([{"CPU": 1}])
+    abandoned = placement_group([{"CPU": 1}])
+    ray.get([live.ready(), abandoned.ready()], timeout=60)
+    worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(live)).remote()
+    assert ray.get(worker.ping.remote(), timeout=60) == "pong"
+    try:
+        assert release_leaked_train_groups(min_age_s=3600) == []        # both too young to be judged
+        time.sleep(1.0)
+        released = release_leaked_train_groups(min_age_s=0.5)
+        assert released == [abandoned.id.hex()]
+        assert ray.get(worker.ping.remote(), timeout=60) == "pong"       # the live group's actor is untouched
+        table = ray.util.placement_group_table()
+        assert table[live.id.hex()]["state"] == "CREATED" and table[abandoned.id.hex()]["state"] == "REMOVED"
+    finally:
+        ray.kill(worker)
+        remove_placement_group(live)
