@@ -5,7 +5,7 @@ as ``/healthz`` to measure the server's floor: everything but the model), wait f
 send the next, until ``total`` requests or ``seconds`` have passed. Every request is counted:
 ``ok`` (HTTP 200), or ``failed`` under its status code or the client error's name.
 
-    python -m raysrec.serving.loadgen URL IDS.json CONCURRENCY TOTAL SECONDS [SEED [PATH]]   # one JSON line
+    python bench/loadgen.py URL IDS.json CONCURRENCY TOTAL SECONDS [SEED [PATH]]   # one JSON line
 
 :func:`start` launches it as a subprocess (so the server under test does not share the client's
 CPU time with the measuring process's own event loop) and :func:`result` reads its summary.
@@ -74,7 +74,7 @@ def start(url: str, ids: list[Any], concurrency: int, total: int, seconds: float
     """Start the generator in its own Python process; :func:`result` waits for its summary."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ids, f)
-    proc = subprocess.Popen([sys.executable, "-m", "raysrec.serving.loadgen", url, f.name, str(concurrency),
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), url, f.name, str(concurrency),
                              str(total), str(seconds), str(seed), path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     proc.ids_file = f.name  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ One run: builds a checkpoint with a catalogue of ``--items`` (default 20,000) it
 SASRec architecture; the weights are freshly initialised because latency does not depend on
 their values), deploys it on a local Ray Serve on 127.0.0.1, and for each mode (``@serve.batch``
 on, then off: the same deployment with ``batching: false``) and each concurrency runs a
-closed-loop load generator *in its own process* (:mod:`raysrec.serving.loadgen`, aiohttp; C clients each send a request, wait
+closed-loop load generator *in its own process* (`bench/loadgen.py`, aiohttp; C clients each send a request, wait
 for the answer, send the next). Every level is bounded by ``--requests`` and ``--seconds``.
 
     python bench/serve_load.py [--items 20000] [--concurrency 1 16 64] [--requests 3000] [--seconds 30]
@@ -24,8 +24,8 @@ import numpy as np
 def make_checkpoint(folder: Path, num_items: int) -> Path:
     import pandas as pd  # noqa: PLC0415
 
+    from raysrec.artifact import save_checkpoint  # noqa: PLC0415
     from raysrec.models.sequential import ModelConfig, build_model  # noqa: PLC0415
-    from raysrec.train.checkpoint import save_checkpoint  # noqa: PLC0415
     from raysrec.train.config import TrainConfig  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
@@ -73,11 +73,12 @@ def main() -> None:
     if args.direct_ingress:  # read by Serve when it starts, in this process and the Ray processes it spawns
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 
+    import loadgen  # noqa: PLC0415  (bench/loadgen.py, same folder)
     import ray  # noqa: PLC0415
     from ray import serve  # noqa: PLC0415
 
-    from raysrec.serving import loadgen  # noqa: PLC0415
-    from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
+    from raysrec.serving.app import run
+    from raysrec.serving.config import ServeConfig  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="raysrec-bench-serve-"))
     model_dir = make_checkpoint(work, args.items)

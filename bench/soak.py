@@ -54,11 +54,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
+    import loadgen  # noqa: PLC0415  (bench/loadgen.py, same folder)
     from ray import serve  # noqa: PLC0415
 
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
-    from raysrec.serving import loadgen  # noqa: PLC0415
-    from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
+    from raysrec.serving.app import run
+    from raysrec.serving.config import ServeConfig  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="raysrec-soak-"))
     model_dir = make_checkpoint(work, args.items)

@@ -15,62 +15,25 @@ the replica's event loop keeps collecting the next batch meanwhile.
 
 
 import asyncio
-import dataclasses
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictBool, StrictInt, StrictStr, model_validator
 from ray import serve
 
-from raysrec.config import Config, check
+from raysrec.serving.config import ServeConfig
 from raysrec.serving.recommender import Answer, Query, Recommender
+
+__all__ = ["ServeConfig", "build_app", "run"]
 
 MAX_K = 1000
 MAX_HISTORY = 10_000      # ids per request (history, exclude, candidates); the model reads the newest max_length
 ItemId = Union[StrictInt, StrictStr]
-
-
-@dataclasses.dataclass
-class ServeConfig(Config):
-    """The serving stage's config (``serve/config.yaml`` passes the same fields as ``args``)."""
-
-    model_dir: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"  # HeadOnly: several nodes on one host
-    app_name: str = "raysrec"
-    route_prefix: str = "/"
-    num_replicas: int = 1
-    autoscaling: Optional[dict[str, Any]] = None     # Serve autoscaling_config; overrides num_replicas
-    num_cpus: float = 1.0                            # per replica
-    torch_threads: int = 1                           # per replica: replicas, not threads, scale out
-    device: Literal["cpu", "cuda"] = "cpu"
-    batching: bool = True
-    max_batch_size: int = 64
-    batch_wait_timeout_s: float = 0.002
-    max_ongoing_requests: Optional[int] = None       # default 2 x max_batch_size: caps how full a batch gets
-    max_request_bytes: int = 1 << 20
-    access_log: bool = True                          # one log line per request (off for load tests)
-
-    def validate(self) -> None:
-        check(self.model_dir != "", "serve.model_dir is required")
-        check(1 <= self.port <= 65535, "serve.port must be in [1, 65535]")
-        check(self.max_batch_size >= 1, "serve.max_batch_size must be >= 1")
-        check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
-        check(self.num_replicas >= 1, "serve.num_replicas must be >= 1")
-        check(self.max_request_bytes >= 1024, "serve.max_request_bytes must be >= 1024")
-        if self.max_ongoing_requests is not None:
-            check(self.max_ongoing_requests >= self.max_batch_size,
-                  "serve.max_ongoing_requests must be >= serve.max_batch_size, or batches can never fill")
-
-    @property
-    def ongoing(self) -> int:
-        return self.max_ongoing_requests or 2 * self.max_batch_size
 
 
 # ---------------------------------------------------------------- request / response models
@@ -93,8 +56,8 @@ class HistoryRequest(BaseModel):
 
 
 class RecommendRequest(HistoryRequest):
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_seen: bool = True
+    k: StrictInt = Field(10, ge=1, le=MAX_K)         # strict like the ids: "10" and true are 422, not 10 and 1
+    exclude_seen: StrictBool = True
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
 
     def query(self) -> Query:
@@ -245,8 +208,10 @@ class RecommenderServer:
         return ScoreResponse(scores=answer.scores or [], unknown_items=answer.unknown_items, model=self.version)
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "model": self.version}
+    async def healthz(self) -> dict[str, Any]:
+        """Readiness: one real forward pass, on the same worker thread as the batches."""
+        answer = await asyncio.get_running_loop().run_in_executor(self._pool, self.rec.probe)
+        return {"status": "ok", "model": self.version, "probe": answer.items[0]["item_id"]}
 
     @api.get("/model")
     async def model(self) -> dict[str, Any]:
@@ -254,9 +219,9 @@ class RecommenderServer:
         meta["batching"] = {"enabled": self.batching, **self.batch_options}
         return _finite(meta)
 
-    def check_health(self) -> None:
-        """Serve's replica health check: the model still answers."""
-        self.rec.run([Query(history=[], k=1)])
+    async def check_health(self) -> None:
+        """Serve's replica health check: the model still answers (a forward pass, not the popularity path)."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.rec.probe)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -2,8 +2,17 @@
 
 :class:`Recommender` maps the dataset's original item ids to model indices, encodes a batch of
 histories in one forward pass and returns the top-k items (or scores for given candidates).
-The Serve deployment (:mod:`raysrec.serving.app`) batches requests and calls it; offline
-evaluation uses the same model code, so a served ranking equals the evaluated one.
+The Serve deployment (:mod:`raysrec.serving.app`) batches requests and calls it.
+
+What is guaranteed about served vs evaluated rankings (``tests/serving/test_parity.py`` checks it
+for both models, with and without timestamps): for the same history, the same checkpoint and the
+same ``now`` (the target's time in evaluation), the model input is laid out as in training
+(left-padded, newest ``max_length`` items, a time gap per position), the user vector and the item
+table are the ones :func:`raysrec.evaluation.evaluate` uses, and ``exclude_seen`` masks what the
+full-ranking protocol masks. So the top-k items are the ones evaluation ranks highest, in the same
+order, up to float ties. Not guaranteed: a history with ids the model does not know (they are
+skipped here, while evaluation never sees one), and a long/short request without timestamps (its
+gaps are "unknown", a row trained by ``gap_dropout``, while evaluation always has the real gaps).
 
 Behaviour shared by every entry point:
 
@@ -16,31 +25,19 @@ Behaviour shared by every entry point:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from raysrec import artifact
 from raysrec.errors import CheckpointError
 from raysrec.models.sequential import SequentialRecommender
-from raysrec.train import checkpoint as ckpt
 
 ItemId = int | str
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """Accept a checkpoint folder, a training output (``checkpoint/``) or a tune export (``best/``)."""
-    path = Path(path)
-    for candidate in (path, path / "checkpoint", path / "best", path / "best" / "checkpoint"):
-        if (candidate / ckpt.STATE_FILE).is_file():
-            return candidate
-    raise CheckpointError(f"{path}: no raysrec checkpoint here (expected {ckpt.STATE_FILE} in it, "
-                          "in checkpoint/ or in best/)")
 
 
 @dataclasses.dataclass
@@ -85,21 +82,15 @@ class Recommender:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Recommender:
-        folder = resolve_model_dir(path)
-        model, cfg, state = ckpt.load_checkpoint(folder, map_location=device)
-        items_path = folder / ckpt.ITEMS_FILE
-        if not items_path.is_file():
-            raise CheckpointError(f"{folder}: {ckpt.ITEMS_FILE} missing; cannot map item ids")
-        items = pq.read_table(items_path).to_pandas().sort_values("item_index")
+        located = artifact.resolve(path)
+        folder = located.checkpoint
+        model, cfg, state = artifact.load_checkpoint(folder, map_location=device)
+        items = artifact.item_table(folder)
         n = model.cfg.num_items
         if len(items) != n or items["item_index"].iloc[0] != 1 or items["item_index"].iloc[-1] != n:
-            raise CheckpointError(f"{items_path}: {len(items)} items, the model has {n}")
+            raise CheckpointError(f"{folder / artifact.ITEMS_FILE}: {len(items)} items, the model has {n}")
         titles = items["title"].tolist() if "title" in items and items["title"].notna().any() else None
-        metrics = {}
-        for candidate in (folder.parent / "metrics.json", folder / "metrics.json"):
-            if candidate.is_file():
-                metrics = json.loads(candidate.read_text())
-                break
+        metrics = located.metrics() or {}
         metadata = {
             "model": cfg.model.name, "version": version_of(state, folder), "checkpoint": str(folder),
             "num_items": n, "max_length": model.cfg.max_length, "epoch": state.get("epoch"),
@@ -107,6 +98,13 @@ class Recommender:
             "metrics": {k: metrics[k] for k in ("valid", "test") if k in metrics},
         }
         return cls(model, items["item_id"].to_numpy(), titles, items["count"].to_numpy(), metadata, device)
+
+    def probe(self) -> Answer:
+        """One forward pass on the most popular item as history: what readiness and health checks run."""
+        answer = self.run([Query(history=[self.original_id(int(self.popular[0]))], k=1, exclude_seen=False)])[0]
+        if answer.fallback is not None or not answer.items:
+            raise RuntimeError(f"the model did not answer the probe ({answer})")
+        return answer
 
     @property
     def num_items(self) -> int:
@@ -239,5 +237,5 @@ def version_of(state: dict[str, Any], folder: Path) -> str:
     """A short, stable model version: the model's folder name and the first 12 hex digits of the weights'
     sha256 (``best@3f2a...``; the folder holding ``checkpoint/`` names it when there is one)."""
     name = folder.parent.name if folder.name == "checkpoint" and folder.parent.name else folder.name
-    digest = state.get("files", {}).get(ckpt.MODEL_FILE, "")
+    digest = state.get("files", {}).get(artifact.MODEL_FILE, "")
     return f"{name}@{digest[:12]}" if digest else name

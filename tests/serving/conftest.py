@@ -48,7 +48,8 @@ def endpoint(ray_local, trained_model, serve_port):
     """The batched deployment of ``trained_model``, answering on http://127.0.0.1:<port>."""
     from ray import serve
 
-    from raysrec.serving.app import ServeConfig, run
+    from raysrec.serving.app import run
+    from raysrec.serving.config import ServeConfig
 
     cfg = ServeConfig(model_dir=str(trained_model), port=serve_port, max_batch_size=16, batch_wait_timeout_s=0.01,
                       max_request_bytes=64 * 1024, app_name="test-endpoint")

@@ -13,9 +13,10 @@ import requests
 import torch
 import yaml
 
-from raysrec.data.sequences import PreparedData, evaluation_examples, iterate_batches
-from raysrec.models.metrics import full_ranking_ranks
-from raysrec.train import checkpoint as ckpt
+from raysrec import artifact as ckpt
+from raysrec.data.examples import evaluation_examples, iterate_batches
+from raysrec.data.storage import PreparedData
+from raysrec.evaluation import full_ranking_ranks
 
 pytestmark = pytest.mark.usefixtures("endpoint")
 
@@ -97,6 +98,15 @@ def test_score_keeps_candidate_order_and_marks_unknowns(endpoint, test_users):
     assert body["scores"][2] == pytest.approx(top[0]["score"], abs=1e-4)
 
 
+def test_health_check_runs_the_model(endpoint):
+    body = requests.get(f"{endpoint}/healthz", timeout=30).json()
+    top = post(endpoint, "/recommend", {"history": [], "k": 1}).json()["items"][0]["item_id"]   # most popular
+    # the probe is a forward pass on the most popular item, not the popularity fallback
+    assert body["status"] == "ok" and body["model"] and body["probe"] is not None
+    answer = post(endpoint, "/recommend", {"history": [top], "k": 1, "exclude_seen": False}).json()
+    assert answer["fallback"] is None and answer["items"][0]["item_id"] == body["probe"]
+
+
 def test_model_metadata(endpoint, trained_model):
     body = requests.get(f"{endpoint}/model", timeout=10).json()
     metrics = json.loads((trained_model / "metrics.json").read_text())
@@ -124,6 +134,10 @@ BAD_REQUESTS = [
     ("/recommend", b"\xff\xfe\x00\x01 garbage", 422, "JSON"),
     ("/recommend", b'{"history": [1], "k": "ten"}', 422, "k"),
     ("/recommend", b'{"history": [1], "k": -3}', 422, "k"),
+    ("/recommend", b'{"history": [1], "k": "10"}', 422, "k"),          # strict like the ids: no coercion
+    ("/recommend", b'{"history": [1], "k": true}', 422, "k"),
+    ("/recommend", b'{"history": [1], "k": 10.0}', 422, "k"),
+    ("/recommend", b'{"history": [1], "exclude_seen": "true"}', 422, "exclude_seen"),
     ("/recommend", b'{"history": [1], "exclude": 5}', 422, "exclude"),
     ("/recommend", b'{"history": [1], "exclude_seen": "maybe"}', 422, "exclude_seen"),
     ("/recommend", b'{"history": [1e400]}', 422, "history"),
@@ -176,7 +190,7 @@ def test_served_rankings_equal_offline_evaluation(endpoint, trained_model, synth
 def test_serve_config_yaml_is_a_valid_serve_and_raysrec_config(trained_model):
     from ray.serve.schema import ServeDeploySchema
 
-    from raysrec.serving.app import ServeConfig
+    from raysrec.serving.config import ServeConfig
 
     text = (Path(__file__).resolve().parents[2] / "serve" / "config.yaml").read_text()
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text)) if hasattr(ServeDeploySchema, "model_validate") \

@@ -1,0 +1,46 @@
+"""The serving stage's config (Ray-free: loading it imports neither Ray Serve nor FastAPI)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+from raysrec.config import Config, check, option
+
+
+@dataclasses.dataclass
+class ServeConfig(Config):
+    """The serving stage's config (``serve/config.yaml`` passes the same fields as ``args``)."""
+
+    model_dir: str = option("", 'a model folder (train/tune output) or a checkpoint folder')
+    host: str = option("127.0.0.1", 'bind address (loopback by default)')
+    port: int = option(8000, 'HTTP port')
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"  # HeadOnly: several nodes on one host
+    app_name: str = "raysrec"
+    route_prefix: str = "/"
+    num_replicas: int = option(1, 'replicas')
+    autoscaling: Optional[dict[str, Any]] = None     # Serve autoscaling_config; overrides num_replicas
+    num_cpus: float = 1.0                            # per replica
+    torch_threads: int = option(1, 'torch threads per replica')
+    device: Literal["cpu", "cuda"] = option("cpu", 'where replicas run the model')
+    batching: bool = option(True, 'micro-batch concurrent requests (@serve.batch)')
+    max_batch_size: int = option(64, 'requests per batch at most')
+    batch_wait_timeout_s: float = option(0.002, 'how long a batch waits to fill')
+    max_ongoing_requests: Optional[int] = option(None, 'per replica (default 2 x max_batch_size)')
+    max_request_bytes: int = 1 << 20
+    access_log: bool = True                          # one log line per request (off for load tests)
+
+    def validate(self) -> None:
+        check(self.model_dir != "", "serve.model_dir is required")
+        check(1 <= self.port <= 65535, "serve.port must be in [1, 65535]")
+        check(self.max_batch_size >= 1, "serve.max_batch_size must be >= 1")
+        check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
+        check(self.num_replicas >= 1, "serve.num_replicas must be >= 1")
+        check(self.max_request_bytes >= 1024, "serve.max_request_bytes must be >= 1024")
+        if self.max_ongoing_requests is not None:
+            check(self.max_ongoing_requests >= self.max_batch_size,
+                  "serve.max_ongoing_requests must be >= serve.max_batch_size, or batches can never fill")
+
+    @property
+    def ongoing(self) -> int:
+        return self.max_ongoing_requests or 2 * self.max_batch_size
