@@ -3,58 +3,104 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-from typing import Any, Optional
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
+from raysrec.config import field_of
 from raysrec.errors import RaysrecError
 
 
-def _config_from_args(cls, args: argparse.Namespace, mapping: dict[str, str], base: Optional[str] = None):
-    """Build a stage config: a YAML file (``--config``) first, then the flags given explicitly."""
-    data: dict[str, Any] = {}
-    if base:
-        data = cls.load(base).to_dict()
-    for flag, field in mapping.items():
-        value = getattr(args, flag, None)
-        if value is None:
+def add_config_options(parser: argparse.ArgumentParser, cls: type, specs: list[str]) -> None:
+    """One option per config field, built from the field itself: type, ``Literal`` choices, default and help.
+
+    A spec is a dotted field path (``model.max_length`` -> ``--max-length``), optionally with the option names
+    to use instead: ``"source.path:--input,-i"``. Options default to "not given", so a ``--config`` file's
+    values stay unless a flag overrides them.
+    """
+    for spec in specs:
+        path, _, names = spec.partition(":")
+        field, annotation = field_of(cls, path)
+        flags = names.split(",") if names else ["--" + path.rsplit(".", 1)[-1].replace("_", "-")]
+        options = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (
+            Union, UnionType) else [annotation]
+        kind = options[0]
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
+        text = field.metadata.get("help", "")
+        text = f"{text} (default: {default})" if text else f"default: {default}"
+        kwargs: dict[str, Any] = {"dest": f"cfg:{path}", "default": None, "help": text}
+        if get_origin(kind) is Literal:
+            kwargs.update(choices=list(get_args(kind)), type=type(get_args(kind)[0]))
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is list:
+            kwargs.update(nargs="+", type=get_args(kind)[0], metavar=path.rsplit(".", 1)[-1].upper())
+        elif kind in (int, float, str):
+            kwargs.update(type=kind, metavar=path.rsplit(".", 1)[-1].upper())
+        else:
+            raise TypeError(f"{cls.__name__}.{path}: no command-line option for {kind}")
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument("--config", "-c", help=f"a {cls.__name__} YAML file; options given override it")
+
+
+def _config_from_args(cls, args: argparse.Namespace):
+    """A stage config: the ``--config`` file first, then every option given on the command line."""
+    data: dict[str, Any] = cls.load(args.config).to_dict() if args.config else {}
+    for dest, value in vars(args).items():
+        if not dest.startswith("cfg:") or value is None:
             continue
         node = data
-        *parents, leaf = field.split(".")
+        *parents, leaf = dest[len("cfg:"):].split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
         node[leaf] = value
     return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------- which config fields each command exposes
+SYNTH_OPTIONS = ["output:--output,-o", "num_users:--num-users,--users", "num_items:--num-items,--items",
+                 "num_events:--num-events,--events", "seed", "format:--file-format"]
+PREPARE_OPTIONS = [
+    "source.path:--input,-i", "output:--output,-o", "source.format", "source.items_path:--items", "source.user_col",
+    "source.item_col", "source.time_col", "source.rating_col", "source.sep", "source.encoding", "source.id_type",
+    "source.on_bad_row", "min_rating", "item_k_core", "user_k_core", "min_sequence_length", "max_sequence_length",
+    "num_shards", "overwrite"]
+TRAIN_OPTIONS = [
+    "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
+    "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
+    "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "cold_items", "resume_from",
+    "storage_path", "verbose"]
+EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]
+TUNE_OPTIONS = [
+    "data:--data,-d", "output:--output,-o", "space", "num_samples", "max_concurrent", "epochs", "grace_period", "seed",
+    "scheduler", "refit_epochs", "train.model.name:--model", "train.loss", "train.patience", "train.num_workers",
+    "train.cpus_per_worker", "train.gpus_per_worker", "train.use_gpu"]
+SERVE_OPTIONS = [
+    "model_dir:--model,-m", "host", "port", "num_replicas:--num-replicas,--replicas", "device", "batching",
+    "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "torch_threads"]
+PIPELINE_OPTIONS = ["output:--output,-o", "storage_path", "stage", "deploy"]
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from raysrec.data.synth import SynthConfig, write  # noqa: PLC0415
 
-    cfg = _config_from_args(SynthConfig, args, {
-        "output": "output", "users": "num_users", "items": "num_items", "events": "num_events",
-        "seed": "seed", "file_format": "format"}, args.config)
+    cfg = _config_from_args(SynthConfig, args)
     out = write(cfg)
     print(f"wrote {cfg.num_events:,} events of {cfg.num_users:,} users on {cfg.num_items:,} items to {out}")
     return 0
-
-
-PREPARE_FLAGS = {
-    "input": "source.path", "format": "source.format", "items": "source.items_path",
-    "user_col": "source.user_col", "item_col": "source.item_col", "time_col": "source.time_col",
-    "rating_col": "source.rating_col", "sep": "source.sep", "encoding": "source.encoding",
-    "id_type": "source.id_type", "on_bad_row": "source.on_bad_row", "output": "output",
-    "min_rating": "min_rating", "item_k_core": "item_k_core", "user_k_core": "user_k_core",
-    "min_length": "min_sequence_length", "max_length": "max_sequence_length", "num_shards": "num_shards",
-    "overwrite": "overwrite",
-}
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from raysrec.data.pipeline import PrepareConfig, prepare  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
 
-    cfg = _config_from_args(PrepareConfig, args, PREPARE_FLAGS, args.config)
+    cfg = _config_from_args(PrepareConfig, args)
     ensure_ray(num_cpus=args.num_cpus)
     manifest = prepare(cfg)
     summary = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items",
@@ -64,22 +110,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_FLAGS = {
-    "data": "data", "output": "output", "model": "model.name", "loss": "loss", "epochs": "epochs",
-    "patience": "patience", "batch_size": "batch_size", "lr": "lr", "hidden_dim": "model.hidden_dim",
-    "num_layers": "model.num_layers", "num_heads": "model.num_heads", "dropout": "model.dropout",
-    "max_length": "model.max_length", "seed": "seed", "num_workers": "num_workers", "use_gpu": "use_gpu",
-    "cpus_per_worker": "cpus_per_worker", "resume_from": "resume_from", "storage_path": "storage_path",
-    "use_text": "model.use_text", "id_dropout": "model.id_dropout", "cold_items": "cold_items",
-}
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
+    from raysrec.data.storage import PreparedData  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
     from raysrec.train.config import TrainConfig  # noqa: PLC0415
     from raysrec.train.run import fit  # noqa: PLC0415
 
-    cfg = _config_from_args(TrainConfig, args, TRAIN_FLAGS, args.config)
+    cfg = _config_from_args(TrainConfig, args)
+    PreparedData.load(cfg.data)   # a wrong --data fails here, in one line, before Ray starts
     if not args.no_ray:
         ensure_ray(num_cpus=args.num_cpus)
     metrics = fit(cfg, use_ray=not args.no_ray)
@@ -90,13 +128,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed_items(args: argparse.Namespace) -> int:
+    from raysrec.data.storage import PreparedData  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
     from raysrec.text.embed import EmbedConfig, embed_items, resolve_encoder  # noqa: PLC0415
 
-    cfg = _config_from_args(EmbedConfig, args, {"data": "data", "model": "model", "batch_size": "batch_size",
-                                                "num_actors": "num_actors", "use_gpu": "use_gpu"}, args.config)
-    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
-
+    cfg = _config_from_args(EmbedConfig, args)
     PreparedData.load(cfg.data)  # a wrong --data and a missing extra fail here, before Ray starts
     resolve_encoder(cfg.model)
     ensure_ray(num_cpus=args.num_cpus)
@@ -108,12 +144,9 @@ def _cmd_embed_items(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from raysrec.train.loop import evaluate_checkpoint  # noqa: PLC0415
+    from raysrec.evaluation import evaluate_checkpoint  # noqa: PLC0415
 
-    model_dir = args.model
-    if os.path.isdir(os.path.join(model_dir, "checkpoint")):
-        model_dir = os.path.join(model_dir, "checkpoint")
-    metrics = evaluate_checkpoint(args.data, model_dir, protocol=args.protocol, split=args.split, seed=args.seed,
+    metrics = evaluate_checkpoint(args.data, args.model, protocol=args.protocol, split=args.split, seed=args.seed,
                                   targets=args.targets, candidates=args.candidates)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -141,9 +174,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from raysrec.data.pipeline import PrepareConfig  # noqa: PLC0415
     from raysrec.data.synth import SynthConfig  # noqa: PLC0415
     from raysrec.pipeline import PipelineConfig  # noqa: PLC0415
-    from raysrec.serving.app import ServeConfig  # noqa: PLC0415
+    from raysrec.serving.config import ServeConfig  # noqa: PLC0415
     from raysrec.train.config import TrainConfig  # noqa: PLC0415
-    from raysrec.tuning.search import SearchConfig  # noqa: PLC0415
+    from raysrec.tuning.config import SearchConfig  # noqa: PLC0415
 
     configs = {"pipeline": PipelineConfig, "synth": SynthConfig, "prepare": PrepareConfig, "train": TrainConfig,
                "tune": SearchConfig, "serve": ServeConfig}
@@ -154,14 +187,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-PIPELINE_FLAGS = {"output": "output", "storage_path": "storage_path", "stage": "stage", "deploy": "deploy"}
-
-
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from raysrec.pipeline import PipelineConfig, run_pipeline  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
 
-    cfg = _config_from_args(PipelineConfig, args, PIPELINE_FLAGS, args.config)
+    cfg = _config_from_args(PipelineConfig, args)
     ensure_ray(num_cpus=args.num_cpus)
     summary = run_pipeline(cfg)
     print(json.dumps({"seconds": summary["seconds"], "endpoint": summary.get("endpoint")}, indent=2))
@@ -171,31 +201,25 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-TUNE_FLAGS = {
-    "data": "data", "output": "output", "space": "space", "num_samples": "num_samples",
-    "max_concurrent": "max_concurrent", "epochs": "epochs", "grace_period": "grace_period", "seed": "seed",
-    "model": "train.model.name", "loss": "train.loss", "num_workers": "train.num_workers",
-    "cpus_per_worker": "train.cpus_per_worker", "gpus_per_worker": "train.gpus_per_worker",
-    "use_gpu": "train.use_gpu", "patience": "train.patience", "refit_epochs": "refit_epochs",
-}
-
-
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
+    from raysrec.data.storage import PreparedData  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
-    from raysrec.tuning.search import SearchConfig, run_search, space_path  # noqa: PLC0415
-    from raysrec.tuning.space import load_space  # noqa: PLC0415
+    from raysrec.tuning.config import SearchConfig  # noqa: PLC0415
+    from raysrec.tuning.search import run_search  # noqa: PLC0415
+    from raysrec.tuning.space import load_space, space_path  # noqa: PLC0415
 
-    if args.resume and args.output and os.path.isfile(os.path.join(args.output, "tune_config.yaml")) \
-            and not args.config:
-        args.config = os.path.join(args.output, "tune_config.yaml")  # resume with the original settings
-    cfg = _config_from_args(SearchConfig, args, TUNE_FLAGS, args.config)
+    output = vars(args).get("cfg:output")
+    if args.resume and output and os.path.isfile(os.path.join(output, "tune_config.yaml")) and not args.config:
+        args.config = os.path.join(output, "tune_config.yaml")  # resume with the original settings
+    cfg = _config_from_args(SearchConfig, args)
     load_space(space_path(cfg.space))  # a bad space fails here, before Ray starts
     PreparedData.load(cfg.data)         # so does a wrong --data
     ensure_ray(num_cpus=args.num_cpus)
     summary = run_search(cfg, resume=args.resume)
-    print(json.dumps({k: summary[k] for k in ("trial_id", "params", "valid", "test", "num_trials", "wall_seconds")},
-                     indent=2, default=str))
+    search = summary["search"]
+    print(json.dumps({"trial_id": search["trial_id"], "params": search["params"], "valid": summary["valid"],
+                      "test": summary["test"], "num_trials": search["num_trials"],
+                      "wall_seconds": search["wall_seconds"]}, indent=2, default=str))
     out = os.path.abspath(cfg.output)
     print(f"best model: {out}/best  (serve it: raysrec serve --model {out}/best)")
     print(f"all trials: {out}/trials.csv, report: {out}/report.png, "
@@ -203,20 +227,14 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVE_FLAGS = {
-    "model": "model_dir", "host": "host", "port": "port", "replicas": "num_replicas", "device": "device",
-    "max_batch_size": "max_batch_size", "batch_wait_timeout_s": "batch_wait_timeout_s",
-    "max_ongoing_requests": "max_ongoing_requests", "torch_threads": "torch_threads", "batching": "batching",
-}
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from raysrec import artifact  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
-    from raysrec.serving.app import ServeConfig, run  # noqa: PLC0415
-    from raysrec.serving.recommender import resolve_model_dir  # noqa: PLC0415
+    from raysrec.serving.app import run  # noqa: PLC0415
+    from raysrec.serving.config import ServeConfig  # noqa: PLC0415
 
-    cfg = _config_from_args(ServeConfig, args, SERVE_FLAGS, args.config)
-    resolve_model_dir(cfg.model_dir)  # fail fast, before starting anything
+    cfg = _config_from_args(ServeConfig, args)
+    cfg = cfg.replace(model_dir=str(artifact.resolve(cfg.model_dir).root))  # fail fast; absolute for the replicas
     ensure_ray(num_cpus=args.num_cpus)
     run(cfg)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
@@ -240,80 +258,40 @@ def _serve_until_interrupted() -> None:
         serve.shutdown()
 
 
+def _num_cpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for a local Ray (ignored on a cluster)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from raysrec.data.pipeline import PrepareConfig  # noqa: PLC0415
+    from raysrec.data.synth import SynthConfig  # noqa: PLC0415
+    from raysrec.pipeline import PipelineConfig  # noqa: PLC0415
+    from raysrec.serving.config import ServeConfig  # noqa: PLC0415
+    from raysrec.text.embed import EmbedConfig  # noqa: PLC0415
+    from raysrec.train.config import TrainConfig  # noqa: PLC0415
+    from raysrec.tuning.config import SearchConfig  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(prog="raysrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic default interaction log")
-    p.add_argument("--output", "-o", help="output folder")
-    p.add_argument("--users", type=int)
-    p.add_argument("--items", type=int)
-    p.add_argument("--events", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--file-format", choices=["csv", "parquet"], dest="file_format")
-    p.add_argument("--config", help="SynthConfig YAML")
+    add_config_options(p, SynthConfig, SYNTH_OPTIONS)
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="raw interactions -> per-user sequence shards (Ray Data)")
-    p.add_argument("--input", "-i", help="interaction file or folder")
-    p.add_argument("--output", "-o", help="output folder (written atomically)")
-    p.add_argument("--format", choices=["auto", "ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet"])
-    p.add_argument("--items", help="item metadata file (titles, categories)")
-    p.add_argument("--user-col", dest="user_col")
-    p.add_argument("--item-col", dest="item_col")
-    p.add_argument("--time-col", dest="time_col")
-    p.add_argument("--rating-col", dest="rating_col")
-    p.add_argument("--sep", help="field separator for csv (default ',')")
-    p.add_argument("--encoding")
-    p.add_argument("--id-type", dest="id_type", choices=["auto", "int", "str"])
-    p.add_argument("--on-bad-row", dest="on_bad_row", choices=["error", "skip"],
-                   help="error (default): stop at the first bad line; skip: count it under malformed_row")
-    p.add_argument("--min-rating", type=float, dest="min_rating")
-    p.add_argument("--item-k-core", type=int, dest="item_k_core")
-    p.add_argument("--user-k-core", type=int, dest="user_k_core")
-    p.add_argument("--min-length", type=int, dest="min_length")
-    p.add_argument("--max-length", type=int, dest="max_length")
-    p.add_argument("--num-shards", type=int, dest="num_shards")
-    p.add_argument("--overwrite", action="store_true", default=None)
-    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for a local Ray (ignored on a cluster)")
-    p.add_argument("--config", help="PrepareConfig YAML; flags override it")
+    add_config_options(p, PrepareConfig, PREPARE_OPTIONS)
+    _num_cpus(p)
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train sasrec / longshort with Ray Train; writes checkpoint, metrics, curve")
-    p.add_argument("--data", "-d", help="a folder written by `raysrec prepare`")
-    p.add_argument("--output", "-o", help="output folder")
-    p.add_argument("--model", choices=["sasrec", "longshort"])
-    p.add_argument("--loss", choices=["ce", "sampled", "bce"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--hidden-dim", type=int, dest="hidden_dim")
-    p.add_argument("--num-layers", type=int, dest="num_layers")
-    p.add_argument("--num-heads", type=int, dest="num_heads")
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--max-length", type=int, dest="max_length")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int, dest="num_workers")
-    p.add_argument("--cpus-per-worker", type=float, dest="cpus_per_worker")
-    p.add_argument("--use-gpu", action="store_true", default=None, dest="use_gpu")
-    p.add_argument("--use-text", action="store_const", const=True, dest="use_text",
-                   help="fuse the item text vectors of `raysrec embed-items` into the item representation")
-    p.add_argument("--id-dropout", type=float, dest="id_dropout",
-                   help="with --use-text: share of item ID embeddings dropped per step, so the text alone ranks "
-                        "well (for cold-start items)")
-    p.add_argument("--cold-items", type=float, dest="cold_items",
-                   help="cold-start protocol: hold this share of the items out of training (loss ce)")
-    p.add_argument("--resume-from", dest="resume_from", help="a checkpoint folder to continue from")
-    p.add_argument("--storage-path", dest="storage_path", help="Ray Train storage (local path or s3://...)")
+    add_config_options(p, TrainConfig, TRAIN_OPTIONS)
     p.add_argument("--no-ray", action="store_true", help="train in this process without Ray (debugging)")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for a local Ray (ignored on a cluster)")
-    p.add_argument("--config", help="TrainConfig YAML; flags override it")
+    _num_cpus(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="re-score a checkpoint (full ranking or the sampled protocol)")
-    p.add_argument("--data", "-d", required=True)
-    p.add_argument("--model", "-m", required=True, help="a training output folder or a checkpoint folder")
+    p = sub.add_parser("evaluate", help="re-score a model (full ranking or the sampled protocol)")
+    p.add_argument("--data", "-d", required=True, help="the prepared folder the model was trained on")
+    p.add_argument("--model", "-m", required=True, help="a model folder (train/tune output) or a checkpoint folder")
     p.add_argument("--protocol", choices=["full", "sampled"], default="full")
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("--seed", type=int, default=0)
@@ -324,64 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("embed-items", help="encode item text with a language model (Ray Data actor pool)")
-    p.add_argument("--data", "-d", help="a folder written by `raysrec prepare`; vectors go into its items.parquet")
-    p.add_argument("--model", help="sentence-transformers model name or folder (default: all-MiniLM-L6-v2, packaged)")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--num-actors", type=int, dest="num_actors", help="encoder actors (default 1)")
-    p.add_argument("--use-gpu", action="store_const", const=True, dest="use_gpu", help="one GPU per actor")
-    p.add_argument("--config", help="EmbedConfig YAML; flags override it")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    add_config_options(p, EmbedConfig, EMBED_OPTIONS)
+    _num_cpus(p)
     p.set_defaults(func=_cmd_embed_items)
 
     p = sub.add_parser("tune", help="hyper-parameter search: Ray Tune + Optuna TPE + ASHA over Ray Train runs")
-    p.add_argument("--data", "-d", help="a folder written by `raysrec prepare`")
-    p.add_argument("--output", "-o", help="search folder: trials.csv, best/, report.png, ray_results/")
-    p.add_argument("--space", help="search space: tune/<name>.yaml name or a YAML path (default: default)")
-    p.add_argument("--num-samples", type=int, dest="num_samples", help="trials (default 16)")
-    p.add_argument("--max-concurrent", type=int, dest="max_concurrent",
-                   help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
-    p.add_argument("--epochs", type=int, help="max epochs per trial (ASHA max_t)")
-    p.add_argument("--grace-period", type=int, dest="grace_period")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--model", choices=["sasrec", "longshort"])
-    p.add_argument("--loss", choices=["ce", "sampled", "bce"])
-    p.add_argument("--patience", type=int)
-    p.add_argument("--num-workers", type=int, dest="num_workers", help="Ray Train workers per trial")
-    p.add_argument("--cpus-per-worker", type=float, dest="cpus_per_worker")
-    p.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker", help="fractions share a GPU")
-    p.add_argument("--use-gpu", action="store_const", const=True, dest="use_gpu")
-    p.add_argument("--refit-epochs", type=int, dest="refit_epochs",
-                   help="retrain the winner for up to N epochs (early stopping) and export that model")
+    add_config_options(p, SearchConfig, TUNE_OPTIONS)
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
-    p.add_argument("--config", help="SearchConfig YAML; flags override it")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    _num_cpus(p)
     p.set_defaults(func=_cmd_tune)
 
-    p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve (batched top-k retrieval)")
-    p.add_argument("--model", "-m", help="training output, checkpoint folder or tune export (best/)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
-    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
-    p.add_argument("--replicas", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--max-batch-size", type=int, dest="max_batch_size")
-    p.add_argument("--batch-wait-timeout-s", type=float, dest="batch_wait_timeout_s")
-    p.add_argument("--max-ongoing-requests", type=int, dest="max_ongoing_requests")
-    p.add_argument("--torch-threads", type=int, dest="torch_threads")
-    p.add_argument("--no-batching", action="store_const", const=False, dest="batching")
-    p.add_argument("--config", help="ServeConfig YAML; flags override it")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    p = sub.add_parser("serve", help="serve a model over HTTP with Ray Serve (batched top-k retrieval)")
+    add_config_options(p, ServeConfig, SERVE_OPTIONS)
     p.add_argument("--detach", action="store_true", help="deploy and return (on a running cluster)")
+    _num_cpus(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("pipeline", help="prepare -> train or tune -> export best -> deploy -> smoke query, one config")
-    p.add_argument("--config", "-c", help="PipelineConfig YAML (see jobs/pipeline.yaml); flags override it")
-    p.add_argument("--output", "-o", help="local output folder (default runs/pipeline)")
-    p.add_argument("--storage-path", dest="storage_path",
-                   help="publish data, checkpoints and best/ here too: a folder or s3://, gs://, file:// URI")
-    p.add_argument("--stage", choices=["train", "tune"], help="train one config, or search (needs a tune section)")
-    p.add_argument("--no-deploy", action="store_const", const=False, dest="deploy", help="stop after the export")
+    add_config_options(p, PipelineConfig, PIPELINE_OPTIONS)
     p.add_argument("--keep-serving", action="store_true", help="keep this driver (and a local Serve) up until Ctrl-C")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus", help="CPUs for a local Ray (ignored on a cluster)")
+    _num_cpus(p)
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("config", help="print a stage's config with all defaults (a reference and a starting file)")
@@ -393,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keep-serving", action="store_true", help="keep the endpoint up until Ctrl-C")
-    p.add_argument("--num-cpus", type=int, dest="num_cpus")
+    _num_cpus(p)
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -7,6 +7,7 @@ and types (so a typo in a YAML file is an error naming the field, never a silent
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -165,3 +166,23 @@ def check(condition: bool, message: str) -> None:
     """Raise :class:`ConfigError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text: the one declaration the CLI builds its option from."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_of(cls: type[Config], path: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field and type annotation at a dotted ``path`` of a config class (``model.max_length``)."""
+    *parents, leaf = path.split(".")
+    for part in parents:
+        cls = typing.get_type_hints(cls)[part]
+        options = [a for a in get_args(cls) if a is not type(None)]   # Optional[EmbedConfig] -> EmbedConfig
+        cls = options[0] if options else cls
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if leaf not in fields:
+        raise KeyError(f"{cls.__name__} has no field {leaf!r}")
+    return fields[leaf], typing.get_type_hints(cls)[leaf]

@@ -7,7 +7,7 @@ each other are derived from ``output`` unless the file sets them::
     <output>/prepared/    raysrec prepare (+ raysrec embed-items: when ``embed`` is set or the model uses text)
     <output>/model/       raysrec train   (stage: train)
     <output>/tune/        raysrec tune    (stage: tune)
-    <output>/best/        the exported winner: checkpoint/, train_config.yaml, metrics.json
+    <output>/best/        the exported winner, a model folder (raysrec.artifact)
     <output>/pipeline.json  what ran, how long each stage took, where the workers ran, the endpoint
 
 With ``storage_path`` (a local folder or any pyarrow filesystem URI: ``s3://``, ``gs://``,
@@ -21,21 +21,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from raysrec.config import Config, check, redact
+from raysrec.config import Config, check, option, redact
 from raysrec.data.pipeline import PrepareConfig
 from raysrec.data.synth import SynthConfig
 from raysrec.errors import RaysrecError
-from raysrec.serving.app import ServeConfig
+from raysrec.files import filesystem, publish
+from raysrec.serving.config import ServeConfig
 from raysrec.text.embed import EmbedConfig
 from raysrec.train.config import TrainConfig
-from raysrec.tuning.search import SearchConfig
+from raysrec.tuning.config import SearchConfig
 
 SUMMARY_FILE = "pipeline.json"
 
@@ -48,17 +48,17 @@ class PipelineError(RaysrecError):
 class PipelineConfig(Config):
     """The whole chain in one file; every sub-config is the stage's own (same fields as its CLI)."""
 
-    output: str = "runs/pipeline"
-    storage_path: Optional[str] = None
+    output: str = option("runs/pipeline", 'local output folder')
+    storage_path: Optional[str] = option(None, 'publish data, checkpoints and best/ here too: a folder or URI')
     synth: SynthConfig = dataclasses.field(default_factory=SynthConfig)  # generated when no prepare.source.path
     prepare: PrepareConfig = dataclasses.field(default_factory=PrepareConfig)
     # item text vectors (``raysrec embed-items``) after prepare: run when this section is given or the
     # model uses text (``train.model.use_text``); its ``data`` is the prepared folder
     embed: Optional[EmbedConfig] = None
-    stage: Literal["train", "tune"] = "train"
+    stage: Literal["train", "tune"] = option("train", 'train one config, or search (needs a tune section)')
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tune: Optional[SearchConfig] = None   # its ``train`` (the trials' base) defaults to the section above
-    deploy: bool = True
+    deploy: bool = option(True, 'deploy on Serve and send a smoke query')
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
     smoke_k: int = 5
 
@@ -120,23 +120,9 @@ def _storage(cfg: PipelineConfig, name: str) -> Optional[str]:
     return f"{cfg.storage_path.rstrip('/')}/{name}" if cfg.storage_path else None
 
 
-def publish(local: str | Path, target: str) -> str:
-    """Copy a finished local folder to ``target`` (local path or pyarrow URI), replacing what was there."""
-    import pyarrow.fs as pafs  # noqa: PLC0415
-
-    from raysrec.data.sequences import filesystem  # noqa: PLC0415
-
-    fs, path = filesystem(target)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return target
-
-
 def sample_history(prepared: str | Path, user: int = 0, n: int = 10) -> list[Any]:
     """The last ``n`` items (original ids) of one user of a prepared folder: a realistic request."""
-    from raysrec.data.sequences import PreparedData  # noqa: PLC0415
+    from raysrec.data.storage import PreparedData  # noqa: PLC0415
 
     data = PreparedData.load(prepared)
     ids = data.items.set_index("item_index")["item_id"]
@@ -149,24 +135,6 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str
                                      headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
-
-
-def export_best(source: Path, dest: Path) -> Path:
-    """``dest`` = the served folder: ``checkpoint/``, ``train_config.yaml`` and ``metrics.json``."""
-    from raysrec.files import publish_dir  # noqa: PLC0415
-    from raysrec.serving.recommender import resolve_model_dir  # noqa: PLC0415
-
-    checkpoint = resolve_model_dir(source)
-    tmp = dest.parent / f".{dest.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint, tmp / "checkpoint")
-    for name in ("train_config.yaml", "metrics.json", "training_curve.png", "history.csv"):
-        for folder in (source, checkpoint.parent):
-            if (folder / name).is_file():
-                shutil.copyfile(folder / name, tmp / name)
-                break
-    publish_dir(tmp, dest)
-    return dest
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
@@ -234,12 +202,16 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
         t = step(2, f"tune ({search.num_samples} trials, Ray Tune + Optuna)")
         result = run_search(search)
         model_dir = Path(search.output).resolve() / "best"
-        summary["tune"] = {k: result[k] for k in ("trial_id", "params", "valid", "test", "num_trials")}
+        summary["tune"] = {"valid": result["valid"], "test": result["test"],
+                           **{k: result["search"][k] for k in ("trial_id", "params", "num_trials")}}
         summary["seconds"]["tune"] = round(time.time() - t, 1)
 
     # 3. export
+    from raysrec.artifact import copy_model  # noqa: PLC0415
+
     t = step(3, "export the best model")
-    best = export_best(model_dir, Path(cfg.serve.model_dir).resolve())
+    best = Path(cfg.serve.model_dir).resolve()
+    copy_model(model_dir, best)
     summary["best"] = str(best)
     if cfg.storage_path:
         summary["best_published"] = redact(publish(best, _storage(cfg, "best")))
@@ -275,8 +247,6 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     summary["dashboard"] = dashboard_url()
     (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     if cfg.storage_path:
-        from raysrec.data.sequences import filesystem  # noqa: PLC0415
-
         fs, path = filesystem(_storage(cfg, SUMMARY_FILE))
         with fs.open_output_stream(path) as handle:
             handle.write(json.dumps(summary, indent=2, default=str).encode())

@@ -56,3 +56,13 @@ def synth_prepared(ray_local, tmp_path_factory) -> Path:
     out = root / "prepared"
     prepare(PrepareConfig(source=SourceConfig(path=str(root / "raw")), output=str(out), num_shards=4))
     return out
+
+
+# Tests that start Ray (directly or through these fixtures) are end-to-end: `make test-fast` leaves them out.
+RAY_FIXTURES = {"ray_local", "synth_prepared", "ml100k_prepared", "endpoint", "trained_model", "embedded"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import raysrec
-from raysrec.config import Config, check
+from raysrec.config import Config, check, option
 from raysrec.data import transforms
 from raysrec.data.sources import (
     DropReason,
@@ -64,15 +64,15 @@ class PrepareConfig(Config):
     """Configuration of ``raysrec prepare``; saved as ``prepare_config.yaml`` in the output."""
 
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
-    output: str = ""
-    min_rating: Optional[float] = None
-    item_k_core: int = 0
-    user_k_core: int = 0
-    min_sequence_length: int = 3
-    max_sequence_length: Optional[int] = None
-    num_shards: int = 8
+    output: str = option("", 'output folder (written atomically)')
+    min_rating: Optional[float] = option(None, 'drop interactions rated below this')
+    item_k_core: int = option(0, 'keep items with at least this many interactions')
+    user_k_core: int = option(0, 'keep users with at least this many interactions')
+    min_sequence_length: int = option(3, 'drop users with fewer events (leave-one-out needs 3)')
+    max_sequence_length: Optional[int] = option(None, "keep each user's newest N events (prepare's truncation, not the model window)")
+    num_shards: int = option(8, 'sequence shard files (training workers read them in parallel)')
     split_bytes: int = 32 << 20
-    overwrite: bool = False
+    overwrite: bool = option(False, 'replace an existing output folder')
 
     def validate(self) -> None:
         check(bool(self.output), "prepare.output: an output folder is required")

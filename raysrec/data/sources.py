@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from raysrec.config import Config, check
+from raysrec.config import Config, check, option
 from raysrec.errors import InputError
 
 SourceFormat = Literal["auto", "ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet"]
@@ -72,19 +72,19 @@ class SourceConfig(Config):
     ``.parquet``; SASRec-paper ``.txt`` files must be named with ``format='sasrec'``.
     """
 
-    path: str = ""
-    format: SourceFormat = "auto"
-    items_path: Optional[str] = None
-    user_col: str = "user_id"
-    item_col: str = "item_id"
-    time_col: Optional[str] = "timestamp"
-    rating_col: Optional[str] = None
+    path: str = option("", 'interaction file or folder: a local path or a pyarrow URI (s3://, gs://, file://)')
+    format: SourceFormat = option("auto", 'input layout; auto detects RecBole atomic files, MovieLens and SASRec text')
+    items_path: Optional[str] = option(None, 'item metadata file (titles, categories)')
+    user_col: str = option("user_id", 'user column (csv/parquet)')
+    item_col: str = option("item_id", 'item column (csv/parquet)')
+    time_col: Optional[str] = option("timestamp", 'timestamp column; none: the file order is the time order')
+    rating_col: Optional[str] = option(None, 'rating column, for min_rating')
     title_col: str = "title"
     categories_col: str = "categories"
-    sep: Optional[str] = None
-    encoding: str = "utf-8"
-    id_type: Literal["auto", "int", "str"] = "auto"
-    on_bad_row: Literal["error", "skip"] = "error"
+    sep: Optional[str] = option(None, "field separator for csv (default ',')")
+    encoding: str = option("utf-8", 'text encoding of the input')
+    id_type: Literal["auto", "int", "str"] = option("auto", 'how original ids are typed')
+    on_bad_row: Literal["error", "skip"] = option("error", 'error: stop at the first bad line; skip: count it under malformed_row')
 
     def validate(self) -> None:
         check(bool(self.path), "source.path: a file or folder of interactions is required")

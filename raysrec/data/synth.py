@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysrec.config import Config, check
+from raysrec.config import Config, check, option
 
 _ADJECTIVES = ["Silent", "Golden", "Broken", "Hidden", "Crimson", "Electric", "Lonely", "Wild", "Frozen",
                "Secret", "Last", "Midnight", "Brave", "Lost", "Bright", "Savage", "Gentle", "Iron"]
@@ -49,10 +49,10 @@ class SynthConfig(Config):
     in minutes on two cores. Scale every size up for load tests.
     """
 
-    output: str = ""
-    num_users: int = 1200
-    num_items: int = 800
-    num_events: int = 200_000
+    output: str = option("", 'output folder')
+    num_users: int = option(1200, 'users')
+    num_items: int = option(800, 'items')
+    num_events: int = option(200_000, 'events')
     num_categories: int = 20
     tastes_per_user: int = 3
     mean_session_length: float = 8.0
@@ -60,8 +60,8 @@ class SynthConfig(Config):
     p_off_session: float = 0.15
     p_follow: float = 0.5
     zipf_exponent: float = 1.0
-    seed: int = 0
-    format: Literal["csv", "parquet"] = "parquet"
+    seed: int = option(0, 'random seed')
+    format: Literal["csv", "parquet"] = option("parquet", 'file format of the log')
 
     def validate(self) -> None:
         check(self.num_users >= 1 and self.num_items >= 2, "synth: need at least one user and two items")

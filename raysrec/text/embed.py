@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysrec.config import Config, check
+from raysrec.config import Config, check, option
 from raysrec.errors import ConfigError, InputError
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
@@ -36,11 +36,11 @@ VECTOR_COLUMN = "text_vector"
 
 @dataclasses.dataclass
 class EmbedConfig(Config):
-    data: str = ""
-    model: str = DEFAULT_ENCODER          # a sentence-transformers name or a local model folder
-    batch_size: int = 128
-    num_actors: int = 1                   # encoder actors (Ray Data actor pool)
-    use_gpu: bool = False                 # one GPU per actor
+    data: str = option("", 'a folder written by `raysrec prepare`; vectors go into its items.parquet')
+    model: str = option(DEFAULT_ENCODER, 'sentence-transformers model name or folder (all-MiniLM-L6-v2 ships with the text extra)')
+    batch_size: int = option(128, 'texts per encoder batch')
+    num_actors: int = option(1, 'encoder actors (Ray Data actor pool)')
+    use_gpu: bool = option(False, 'one GPU per actor')
     max_text_chars: int = 512
 
     def validate(self) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow   # several processes: a Ray cluster, killed workers
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 

@@ -29,6 +29,8 @@ from raysrec.models.sequential import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit
 
+pytestmark = pytest.mark.slow   # several processes: a Ray cluster, killed workers
+
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ModelConfig(hidden_dim=32, num_heads=2, num_layers=2, max_length=30)
 

