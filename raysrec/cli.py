@@ -117,7 +117,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from raysrec.train.run import fit  # noqa: PLC0415
 
     cfg = _config_from_args(TrainConfig, args)
-    PreparedData.load(cfg.data)   # a wrong --data fails here, in one line, before Ray starts
+    data = PreparedData.load(cfg.data)   # a wrong --data fails here, in one line, before Ray starts
+    if cfg.resume_from:                  # so does a checkpoint trained on other items
+        from raysrec import artifact  # noqa: PLC0415
+        from raysrec.evaluation import check_same_items  # noqa: PLC0415
+
+        check_same_items(artifact.item_ids(artifact.resolve(cfg.resume_from).checkpoint), data, cfg.resume_from)
     if not args.no_ray:
         ensure_ray(num_cpus=args.num_cpus)
     metrics = fit(cfg, use_ray=not args.no_ray)
@@ -178,6 +183,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from raysrec.train.config import TrainConfig  # noqa: PLC0415
     from raysrec.tuning.config import SearchConfig  # noqa: PLC0415
 
+    if args.stage == "serve-deploy":   # the Serve deploy template (`serve deploy FILE`), shipped with the package
+        import importlib.resources  # noqa: PLC0415
+
+        print((importlib.resources.files("raysrec.serving") / "deploy.yaml").read_text(), end="")
+        return 0
     configs = {"pipeline": PipelineConfig, "synth": SynthConfig, "prepare": PrepareConfig, "train": TrainConfig,
                "tune": SearchConfig, "serve": ServeConfig}
     cfg = configs[args.stage]()
@@ -325,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("config", help="print a stage's config with all defaults (a reference and a starting file)")
-    p.add_argument("stage", choices=["pipeline", "synth", "prepare", "train", "tune", "serve"])
+    p.add_argument("stage", choices=["pipeline", "synth", "prepare", "train", "tune", "serve", "serve-deploy"],
+                   help="a stage's config, or serve-deploy: the Ray Serve deploy file (`serve deploy FILE`)")
     p.set_defaults(func=_cmd_config)
 
     p = sub.add_parser("demo", help="synth -> prepare -> train -> serve -> sample request, on the embedded synthetic data")

@@ -106,10 +106,17 @@ class PreparedData:
 
     def read(self, files: Optional[list[str]] = None) -> SequenceSet:
         files = self.shard_files() if files is None else files
-        table = pa.concat_tables([pq.read_table(f, filesystem=self.fs) for f in files]) if files else None
+        table = pa.concat_tables([self._read_shard(f) for f in files]) if files else None
         if table is None:
             return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0))
         return SequenceSet.from_table(table.sort_by("user_index"))
+
+    def _read_shard(self, file: str) -> pa.Table:
+        try:
+            return pq.read_table(file, filesystem=self.fs)
+        except (pa.ArrowException, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"unreadable sequence shard ({first}); prepare the data again", path=file) from None
 
     def item_popularity(self) -> np.ndarray:
         """Interaction count per item index (index 0, padding, gets 0)."""

@@ -23,7 +23,8 @@ from raysrec import artifact
 from raysrec.data.examples import evaluation_examples, iterate_batches, training_examples
 from raysrec.data.pipeline import ITEMS_FILE
 from raysrec.data.storage import PreparedData
-from raysrec.evaluation import evaluate, held_out_items, summarize, without_items
+from raysrec.errors import InputError, RaysrecError
+from raysrec.evaluation import check_same_items, evaluate, held_out_items, summarize, without_items
 from raysrec.models import losses
 from raysrec.models.sequential import SequentialRecommender, autocast, build_model
 from raysrec.train.config import VALID_METRIC, TrainConfig, improves
@@ -40,6 +41,10 @@ class Session(Protocol):
     def latest_checkpoint(self, into: Path) -> Optional[Path]:
         """The checkpoint to resume from (a restarted worker's), made local under ``into``; or ``None``."""
     def workers(self) -> list[dict[str, Any]]: ...
+    def gather(self, value: Any) -> list[Any]:
+        """Every worker's ``value``, in rank order, on every worker."""
+    def stop_with_user_error(self, message: str) -> None:
+        """End the whole run now because of a user error: once, without the retries a crash gets."""
 
 
 def unwrap(model: nn.Module) -> SequentialRecommender:
@@ -104,12 +109,25 @@ def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     set_seed(cfg.seed)
-    data = PreparedData.load(cfg.data)
-    cfg, vectors = resolve_model_config(cfg, data)
-    files = data.shard_files()
-    # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
-    by_file = len(files) >= session.world_size
-    seqs = data.read(files[session.rank::session.world_size] if by_file else files)
+    # What a worker reads before training (manifest, its shards, text vectors, a checkpoint to resume) can hold
+    # a user's mistake. Workers agree on it first, so such a run ends once, in one line, and is not retried.
+    error = None
+    try:
+        data = PreparedData.load(cfg.data)
+        cfg, vectors = resolve_model_config(cfg, data)
+        files = data.shard_files()
+        # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
+        by_file = len(files) >= session.world_size
+        seqs = data.read(files[session.rank::session.world_size] if by_file else files)
+        resume = session.latest_checkpoint(scratch) or (Path(cfg.resume_from) if cfg.resume_from else None)
+        if resume is not None:
+            check_same_items(artifact.item_ids(resume), data, str(resume))
+    except RaysrecError as exc:
+        error = str(exc)
+    errors = [e for e in session.gather(error) if e]
+    if errors:
+        session.stop_with_user_error(errors[0])
+        return {"fatal_error": errors[0]}
     cold = held_out_items(data.num_items, cfg.cold_items, cfg.seed) if cfg.cold_items else None
     if cold is not None:
         seqs = without_items(seqs, cold)
@@ -126,7 +144,6 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     excluded = torch.from_numpy(cold).to(device) if cold is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    resume = session.latest_checkpoint(scratch) or (Path(cfg.resume_from) if cfg.resume_from else None)
     if resume is not None:
         core, _, saved = artifact.load_checkpoint(resume, map_location=device)
         model.load_state_dict(core.state_dict())
@@ -232,6 +249,12 @@ class LocalSession:
 
     def latest_checkpoint(self, into: Path) -> Optional[Path]:
         return self.resume_from
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value]
+
+    def stop_with_user_error(self, message: str) -> None:
+        raise InputError(message)
 
     def workers(self) -> list[dict[str, Any]]:
         return [worker_info(0, self.device)]

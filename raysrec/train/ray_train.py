@@ -16,6 +16,17 @@ from torch import nn
 from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.train.loop import format_epoch, worker_info
 
+FATAL_ERROR = "raysrec_user_error"
+
+
+def raise_user_error(result) -> None:
+    """Raise the user error a run stopped on (see :meth:`RaySession.stop_with_user_error`), if any."""
+    from raysrec.errors import InputError  # noqa: PLC0415
+
+    message = (result.metrics or {}).get(FATAL_ERROR)
+    if message:
+        raise InputError(message)
+
 
 class RaySession:
     """What a Ray Train worker needs: rank, device, DDP, all-reduce, report and checkpoints."""
@@ -56,12 +67,19 @@ class RaySession:
         """Every worker's placement (node id, host, pid, device), gathered on all ranks."""
         import ray  # noqa: PLC0415
 
-        mine = worker_info(self.rank, self.device, ray.get_runtime_context().get_node_id())
+        return self.gather(worker_info(self.rank, self.device, ray.get_runtime_context().get_node_id()))
+
+    def gather(self, value: Any) -> list[Any]:
         if self.world_size == 1:
-            return [mine]
+            return [value]
         gathered: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, mine)
-        return sorted(gathered, key=lambda w: w["rank"])
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
+    def stop_with_user_error(self, message: str) -> None:
+        """Every worker reports the error and returns: the run *finishes* (no FailureConfig retry, which is for
+        crashes), and the driver raises it (:func:`raise_user_error`)."""
+        self._train.report({FATAL_ERROR: message})
 
     def latest_checkpoint(self, into: Path) -> Optional[Path]:
         checkpoint = self._train.get_checkpoint()

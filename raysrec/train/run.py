@@ -33,10 +33,11 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
     cfg.save(out / artifact.CONFIG_FILE)
     started = time.time()
     if use_ray:
-        from raysrec.train.ray_train import build_trainer, run_history  # noqa: PLC0415
+        from raysrec.train.ray_train import build_trainer, raise_user_error, run_history  # noqa: PLC0415
 
         storage = cfg.storage_path or str(out / "ray_results")
         result = build_trainer(cfg, run_name="train", storage_path=storage).fit()
+        raise_user_error(result)
         best = result.get_best_checkpoint(metric=VALID_METRIC, mode=VALID_MODE)
         if best is None:
             raise RuntimeError(f"the training run at {result.path} reported no checkpoint")

@@ -15,7 +15,7 @@ class SearchConfig(Config):
 
     data: str = option("", 'a folder written by `raysrec prepare`')
     output: str = option("", 'search folder: trials.csv, best/, report.png, ray_results/')
-    space: str = option("default", 'search space: tune/<name>.yaml name or a YAML path')
+    space: str = option("default", 'search space: a YAML path, or a name: tune/<name>.yaml, else one packaged with raysrec')
     num_samples: int = option(16, 'trials')
     max_concurrent: Optional[int] = option(None, "trials at once (default: as many as the cluster's CPUs/GPUs fit)")
     epochs: int = option(30, 'max epochs per trial (ASHA max_t)')

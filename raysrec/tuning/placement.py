@@ -54,6 +54,22 @@ def release_leaked_train_groups(min_age_s: float = 10.0, address: Optional[str] 
     return released
 
 
+def release_after_search(settle_s: float = 3.0) -> list[str]:
+    """Once the search has ended no Train group of this job is in use: release what stopped trials left,
+    waiting up to ``settle_s`` for a stopped trial's group that is still being handed back."""
+    released: list[str] = []
+    deadline = time.time() + settle_s
+    while True:
+        try:
+            released += release_leaked_train_groups(min_age_s=0.0)
+        except Exception as exc:  # best effort, as in the callback
+            print(f"could not check for leaked placement groups: {exc}", flush=True)
+            return released
+        if released or time.time() > deadline:
+            return released
+        time.sleep(1.0)
+
+
 def release_callback():
     """A Tune callback that runs :func:`release_leaked_train_groups` after trials end and every 30 s."""
     from ray import tune  # noqa: PLC0415

@@ -29,7 +29,7 @@ from raysrec import artifact
 from raysrec.errors import ConfigError
 from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.tuning.config import SearchConfig
-from raysrec.tuning.placement import release_callback
+from raysrec.tuning.placement import release_after_search, release_callback
 from raysrec.tuning.report import plot_report
 from raysrec.tuning.space import Param, apply_overrides, load_space, space_path, to_tune
 
@@ -42,11 +42,13 @@ def _trial(config: dict[str, Any], base: dict[str, Any], storage: str) -> None:
     from ray import tune  # noqa: PLC0415
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
 
-    from raysrec.train.ray_train import build_trainer  # noqa: PLC0415
+    from raysrec.train.ray_train import build_trainer, raise_user_error  # noqa: PLC0415
 
     cfg = apply_overrides(TrainConfig.from_dict(base), config)
     trial_id = tune.get_context().get_trial_id()
-    build_trainer(cfg, run_name=f"train-{trial_id}", storage_path=storage, callbacks=[TuneReportCallback()]).fit()
+    result = build_trainer(cfg, run_name=f"train-{trial_id}", storage_path=storage,
+                           callbacks=[TuneReportCallback()]).fit()
+    raise_user_error(result)
 
 
 def _defaults_in_space(params: list[Param], base: TrainConfig) -> Optional[dict[str, Any]]:
@@ -118,6 +120,8 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
         print(f"search: {cfg.num_samples} trials x <= {cfg.epochs} epochs, {max_concurrent} at a time, "
               f"space {space_file}; TensorBoard: tensorboard --logdir {storage}")
     grid = tuner.fit()
+    for group in release_after_search():   # the last stopped trial's group can outlive the search
+        print(f"released placement group {group[:12]} left behind by a stopped trial", flush=True)
     summary = export(grid, params, base, out, wall_seconds=time.time() - started)
     if cfg.refit_epochs:
         summary = refit(cfg, base, summary, out)

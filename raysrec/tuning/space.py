@@ -17,14 +17,13 @@ to parse; :func:`to_tune` turns a space into ``ray.tune`` distributions.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from pathlib import Path
 from typing import Any
 
 from raysrec.config import read_yaml
 from raysrec.errors import ConfigError
 from raysrec.train.config import TrainConfig
-
-REPO = Path(__file__).resolve().parents[2]
 
 KINDS = {"choice", "uniform", "loguniform", "randint", "quniform"}
 
@@ -119,11 +118,13 @@ def to_tune(params: list[Param]) -> dict[str, Any]:
 
 
 def space_path(name: str) -> Path:
-    """``tune/<name>.yaml`` (working directory first, then the checkout raysrec runs from) or a path."""
+    """A search space: a YAML path, or a name looked up as ``tune/<name>.yaml`` in the working directory and
+    then among the spaces packaged with raysrec (``raysrec/tuning/spaces/``; ``default`` is one)."""
     if name.endswith((".yaml", ".yml")) or "/" in name:
         candidates = [Path(name)]
     else:
-        candidates = [Path("tune") / f"{name}.yaml", REPO / "tune" / f"{name}.yaml"]
+        packaged = importlib.resources.files("raysrec.tuning.spaces") / f"{name}.yaml"
+        candidates = [Path("tune") / f"{name}.yaml", Path(str(packaged))]
     for c in candidates:
         if c.is_file():
             return c

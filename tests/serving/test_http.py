@@ -196,7 +196,11 @@ def test_serve_config_yaml_is_a_valid_serve_and_raysrec_config(trained_model):
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text)) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(yaml.safe_load(text))
     (app,) = schema.applications
-    assert app.import_path == "serve.app:app_builder"
+    assert app.import_path == "raysrec.serving.app:build_app"      # importable from an installed package
+    import importlib
+
+    module, _, name = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
     cfg = ServeConfig.from_dict({**app.args, "model_dir": str(trained_model)})
     deployment = app.deployments[0]
     assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]

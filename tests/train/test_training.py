@@ -163,3 +163,29 @@ def test_verbose_turns_ray_train_report_lines_back_on():
     assert all(logging.getLogger(name).level == logging.WARNING for name in _REPORT_LOGGERS)
     quiet_report_logs(verbose=True)
     assert all(logging.getLogger(name).level == logging.INFO for name in _REPORT_LOGGERS)
+
+
+def test_a_corrupt_shard_ends_the_run_once_in_one_line(synth_prepared, tmp_path):
+    """A worker finds it (the driver only reads the manifest): every worker agrees, the run stops without
+    FailureConfig's retries, and the CLI prints one line and exits 2."""
+    import os
+    import shutil
+    import time
+
+    data = tmp_path / "prepared"
+    shutil.copytree(synth_prepared, data)
+    shard = sorted((data / "sequences").glob("part-*.parquet"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])     # truncated: no Parquet footer
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "raysrec.cli", "train", "--data", str(data), "-o", str(tmp_path / "o"),
+                           "--num-workers", "2", "--cpus-per-worker", "1", "--epochs", "1", "--hidden-dim", "16",
+                           "--num-heads", "1", "--num-layers", "1", "--max-length", "20", "--num-cpus", "2"],
+                          env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=600)
+    elapsed = time.time() - started
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("raysrec train: error:")]
+    assert len(error_lines) == 1 and shard.name in error_lines[0] and "unreadable sequence shard" in error_lines[0]
+    assert "Traceback" not in proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "retry" not in output.lower() and "restart" not in output.lower(), output[-3000:]
+    assert elapsed < 120, elapsed

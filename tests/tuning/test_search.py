@@ -79,3 +79,11 @@ def test_asha_stopped_trials_do_not_starve_the_next_ones(ray_local, synth_prepar
     assert len(trials) == 3 and (trials["status"] == "TERMINATED").all()
     assert trials["epochs"].min() < 3, "ASHA stopped no trial early: the test does not test anything"
     assert summary["search"]["num_trials"] == 3
+    # and nothing a stopped trial held outlives the search: the next stage (deploy) gets the CPUs
+    import time
+
+    import ray
+    deadline = time.time() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2, ray.util.placement_group_table()

@@ -52,3 +52,23 @@ def test_tune_cli_names_a_missing_space(extra, message, tmp_path, capsys):
 
     assert main(["tune", "--data", str(tmp_path), "-o", str(tmp_path / "out"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_default_space_and_the_serve_template_ship_in_the_wheel(tmp_path, monkeypatch):
+    """`raysrec tune` without --space and `raysrec config serve-deploy` work from an installed package."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, timeout=300, cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("raysrec-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"raysrec/tuning/spaces/default.yaml", "raysrec/serving/deploy.yaml"} <= names
+    monkeypatch.chdir(tmp_path)                        # no tune/ folder here: the packaged space is found
+    assert space_path("default").read_text() == (repo / "tune" / "default.yaml").read_text()
+    proc = subprocess.run([sys.executable, "-m", "raysrec.cli", "config", "serve-deploy"], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "import_path: raysrec.serving.app:build_app" in proc.stdout
