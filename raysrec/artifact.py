@@ -181,16 +181,75 @@ def resolve(path: str | Path) -> ModelFolder:
                           f"best/{CHECKPOINT_DIR}/{STATE_FILE} or {STATE_FILE})")
 
 
+def score(checkpoint: str | Path, data: str, device: str = "cpu") -> dict[str, Any]:
+    """The figures a model folder carries: valid and test metrics and, for the cold-start protocol, ``cold``."""
+    from raysrec.evaluation import evaluate_checkpoint  # noqa: PLC0415  (evaluation reads model folders)
+
+    cfg = TrainConfig.load(Path(checkpoint) / CONFIG_FILE)
+
+    def one(**kw: Any) -> dict[str, float]:
+        return evaluate_checkpoint(data, checkpoint, device=device, **kw)
+
+    cold = None
+    if cfg.cold_items:
+        cold = {"test_cold": one(targets="cold"), "test_warm": one(targets="warm"),
+                "test_cold_among_cold": one(targets="cold", candidates="cold")}
+    return {"valid": one(split="valid"), "test": one(split="test"), "cold": cold}
+
+
+def locate(location: str | Path) -> str:
+    """:func:`resolve` for a local path or a URI, without downloading: the model folder's location (for a URI,
+    the folder holding ``checkpoint/``, or the bare checkpoint folder). What the CLI checks before starting Ray."""
+    text = str(location)
+    if "://" not in text:
+        return str(resolve(text).root)
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
+    from raysrec.files import filesystem  # noqa: PLC0415
+
+    fs, path = filesystem(text)
+    base, sep, query = text.partition("?")
+    for sub in ("", "/best"):
+        for inner in (f"/{CHECKPOINT_DIR}", ""):
+            if fs.get_file_info(f"{path}{sub}{inner}/{STATE_FILE}").type == pafs.FileType.File:
+                return f"{base.rstrip('/')}{sub}{sep}{query}"
+    raise CheckpointError(f"{_redacted(text)}: no raysrec model here (expected {CHECKPOINT_DIR}/{STATE_FILE}, "
+                          f"best/{CHECKPOINT_DIR}/{STATE_FILE} or {STATE_FILE})")
+
+
+def fetch(location: str | Path, into: str | Path) -> ModelFolder:
+    """A model folder from a local path (used in place) or a URI (downloaded into ``into``, once). Loading the
+    checkpoint then checks every file's sha256 against ``state.json``, so a partial download is refused."""
+    text = str(location)
+    if "://" not in text:
+        return resolve(text)
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
+    from raysrec.files import filesystem  # noqa: PLC0415
+
+    fs, path = filesystem(locate(text))
+    into = Path(into)
+    into.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(into), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return resolve(into)
+
+
+def _redacted(text: str) -> str:
+    from raysrec.config import redact  # noqa: PLC0415
+
+    return redact(text)
+
+
 def write_model(dest: str | Path, checkpoint: str | Path, data: str, *, source: Literal["train", "tune", "refit"],
                 history: Optional[list[dict[str, Any]]] = None, train_seconds: Optional[float] = None,
-                search: Optional[dict[str, Any]] = None, device: str = "cpu") -> dict[str, Any]:
-    """Make ``dest`` a model folder around a copy of ``checkpoint``, scored on ``data``'s valid and test targets.
+                search: Optional[dict[str, Any]] = None, scores: Optional[dict[str, Any]] = None,
+                device: str = "cpu") -> dict[str, Any]:
+    """Make ``dest`` a model folder around a copy of ``checkpoint``, with its ``scores`` (:func:`score`;
+    computed here on ``device`` when not given: Ray runs compute them in a task, see ``train.ray_train``).
 
     ``history`` is the whole run's per-epoch metrics (default: the checkpoint's own, which ends at its epoch).
     ``dest`` may hold other things (Ray's run folder); ``metrics.json`` is written last.
     """
-    from raysrec.evaluation import evaluate_checkpoint  # noqa: PLC0415  (evaluation reads model folders)
-
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / f".{CHECKPOINT_DIR}.tmp-{uuid.uuid4().hex[:8]}"
@@ -210,23 +269,17 @@ def write_model(dest: str | Path, checkpoint: str | Path, data: str, *, source: 
         pd.DataFrame(history).to_csv(dest / HISTORY_FILE, index=False)
         plot_history(history, dest / CURVE_FILE, title=f"{cfg.model.name} ({cfg.loss})")
 
-    def score(**kw: Any) -> dict[str, float]:
-        return evaluate_checkpoint(data, folder, device=device, **kw)
-
-    cold = None
-    if cfg.cold_items:
-        cold = {"test_cold": score(targets="cold"), "test_warm": score(targets="warm"),
-                "test_cold_among_cold": score(targets="cold", candidates="cold")}
+    scores = scores if scores is not None else score(folder, data, device)
     speeds = [float(r["examples_per_second"]) for r in history if "examples_per_second" in r]
     metrics = ModelMetrics(
-        source=source, valid=score(split="valid"), test=score(split="test"),
+        source=source, valid=scores["valid"], test=scores["test"],
         epochs=int(max((r["epoch"] for r in history), default=state.get("epoch", 0))),
         best_epoch=int(state.get("best_epoch", state.get("epoch", 0))),
         train_seconds=round(float(train_seconds if train_seconds is not None
                                   else sum(float(r.get("epoch_seconds", 0.0)) for r in history)), 2),
         examples_per_second=round(statistics.median(speeds), 1) if speeds else 0.0,
         model=cfg.model.name, loss=cfg.loss, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-        workers=list(state.get("workers", [])), cold=cold, search=search)
+        workers=list(state.get("workers", [])), cold=scores.get("cold"), search=search)
     _write_json(dest / METRICS_FILE, metrics.to_dict())
     return metrics.to_dict()
 

@@ -244,7 +244,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from raysrec.serving.config import ServeConfig  # noqa: PLC0415
 
     cfg = _config_from_args(ServeConfig, args)
-    cfg = cfg.replace(model_dir=str(artifact.resolve(cfg.model_dir).root))  # fail fast; absolute for the replicas
+    cfg = cfg.replace(model_dir=artifact.locate(cfg.model_dir))  # fail fast (no download); absolute for the replicas
     ensure_ray(num_cpus=args.num_cpus)
     run(cfg)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

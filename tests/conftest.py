@@ -66,3 +66,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API (moto's server) on 127.0.0.1 with one bucket; returns ``key -> s3:// URI``.
+
+    Credentials travel in the URI (``s3://KEY:SECRET@bucket/...``), so Ray workers and Serve replicas in other
+    processes reach it too; raysrec redacts them wherever it prints or saves a location.
+    """
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+
+    def uri(key: str) -> str:
+        return f"s3://test:test@bucket/{key}?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+
+    fs, _ = pafs.FileSystem.from_uri(uri("x") + "&allow_bucket_creation=true")
+    fs.create_dir("bucket")
+    yield uri
+    server.stop()

@@ -25,8 +25,10 @@ Behaviour shared by every entry point:
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections.abc import Sequence
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from raysrec import artifact
+from raysrec.config import redact
 from raysrec.errors import CheckpointError
 from raysrec.models.sequential import SequentialRecommender
 
@@ -77,12 +80,16 @@ class Recommender:
         order = np.argsort(-counts, kind="stable")
         self.popular = (order + 1).astype(np.int64)               # item indices, most popular first
         self.metadata = metadata
+        self._download: Optional[tempfile.TemporaryDirectory] = None
         with torch.inference_mode():
             self.item_vectors = model.item_vectors().detach().to(device).float().clone()   # (N+1, d)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> Recommender:
-        located = artifact.resolve(path)
+        """A model folder (or tune output, or checkpoint folder) at a local path or a URI (``s3://bucket/run/best``:
+        downloaded once into a temporary folder this object owns, every file's sha256 checked)."""
+        download = tempfile.TemporaryDirectory(prefix="raysrec-model-") if "://" in str(path) else None
+        located = artifact.fetch(path, download.name) if download else artifact.resolve(path)
         folder = located.checkpoint
         model, cfg, state = artifact.load_checkpoint(folder, map_location=device)
         items = artifact.item_table(folder)
@@ -92,12 +99,16 @@ class Recommender:
         titles = items["title"].tolist() if "title" in items and items["title"].notna().any() else None
         metrics = located.metrics() or {}
         metadata = {
-            "model": cfg.model.name, "version": version_of(state, folder), "checkpoint": str(folder),
+            "model": cfg.model.name, "checkpoint": str(folder),
+            "version": version_of(state, Path(urlparse(artifact.locate(path)).path) if download else located.root),
+            "source": redact(str(path)),
             "num_items": n, "max_length": model.cfg.max_length, "epoch": state.get("epoch"),
             "valid_ndcg@10": state.get("best"), "config": cfg.to_dict(),
             "metrics": {k: metrics[k] for k in ("valid", "test") if k in metrics},
         }
-        return cls(model, items["item_id"].to_numpy(), titles, items["count"].to_numpy(), metadata, device)
+        rec = cls(model, items["item_id"].to_numpy(), titles, items["count"].to_numpy(), metadata, device)
+        rec._download = download          # the downloaded copy lives as long as the recommender
+        return rec
 
     def probe(self) -> Answer:
         """One forward pass on the most popular item as history: what readiness and health checks run."""
@@ -233,9 +244,9 @@ class Recommender:
         return out
 
 
-def version_of(state: dict[str, Any], folder: Path) -> str:
-    """A short, stable model version: the model's folder name and the first 12 hex digits of the weights'
-    sha256 (``best@3f2a...``; the folder holding ``checkpoint/`` names it when there is one)."""
-    name = folder.parent.name if folder.name == "checkpoint" and folder.parent.name else folder.name
+def version_of(state: dict[str, Any], root: Path) -> str:
+    """A short, stable model version: the model folder's name and the first 12 hex digits of the weights'
+    sha256 (``best@3f2a...``)."""
+    name = root.name
     digest = state.get("files", {}).get(artifact.MODEL_FILE, "")
     return f"{name}@{digest[:12]}" if digest else name

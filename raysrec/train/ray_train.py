@@ -152,3 +152,24 @@ def run_history(result) -> list[dict[str, Any]]:
         return []
     with result.checkpoint.as_directory() as folder:  # downloads when storage is remote (s3://, gs://)
         return list(json.loads((Path(folder) / "state.json").read_text()).get("history", []))
+
+
+def score_in_task(checkpoint, data: str, cfg: TrainConfig) -> dict[str, Any]:
+    """:func:`raysrec.artifact.score` of a reported checkpoint, run in a Ray task that holds what one training
+    worker holds (its GPU on a GPU run): the driver, often a head node without a GPU, never loads the model or
+    reads the data, and never touches CUDA."""
+    import ray  # noqa: PLC0415
+
+    options: dict[str, Any] = {"num_cpus": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        options["num_gpus"] = cfg.gpus_per_worker
+    task = ray.remote(_score).options(**options, max_retries=0)
+    return ray.get(task.remote(checkpoint, data, "cuda" if cfg.use_gpu else "cpu", int(cfg.cpus_per_worker)))
+
+
+def _score(checkpoint, data: str, device: str, threads: int) -> dict[str, Any]:
+    from raysrec import artifact  # noqa: PLC0415
+
+    torch.set_num_threads(max(1, threads))
+    with checkpoint.as_directory() as folder:   # downloads when the run's storage is remote
+        return artifact.score(folder, data, device)

@@ -18,13 +18,6 @@ from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
 
 
-def eval_device(cfg: TrainConfig) -> str:
-    """Where the driver scores the saved model: the GPU only when asked for and this process has one."""
-    import torch  # noqa: PLC0415
-
-    return "cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu"
-
-
 def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[str, Any]:
     """Train, take the best checkpoint, score it on the valid and test targets and write the model folder."""
     out = Path(cfg.output).resolve()
@@ -33,7 +26,12 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
     cfg.save(out / artifact.CONFIG_FILE)
     started = time.time()
     if use_ray:
-        from raysrec.train.ray_train import build_trainer, raise_user_error, run_history  # noqa: PLC0415
+        from raysrec.train.ray_train import (  # noqa: PLC0415
+            build_trainer,
+            raise_user_error,
+            run_history,
+            score_in_task,
+        )
 
         storage = cfg.storage_path or str(out / "ray_results")
         result = build_trainer(cfg, run_name="train", storage_path=storage).fit()
@@ -43,14 +41,15 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
             raise RuntimeError(f"the training run at {result.path} reported no checkpoint")
         history = run_history(result)
         train_seconds = time.time() - started
+        scores = score_in_task(best, cfg.data, cfg)
         with best.as_directory() as folder:   # downloads when storage is remote
             return artifact.write_model(out, folder, cfg.data, source=source, history=history,
-                                        train_seconds=train_seconds, device=eval_device(cfg))
+                                        train_seconds=train_seconds, scores=scores)
     with tempfile.TemporaryDirectory(prefix="raysrec-best-") as best_dir:
         session = LocalSession(Path(best_dir) / "best")
         train_loop(cfg, session)
         return artifact.write_model(out, session.best_dir, cfg.data, source=source, history=session.history,
-                                    train_seconds=time.time() - started, device=eval_device(cfg))
+                                    train_seconds=time.time() - started, device=session.device.type)
 
 
 def _absolute(location: str) -> str:

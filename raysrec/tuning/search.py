@@ -181,11 +181,15 @@ def export(grid, params: list[Param], base: TrainConfig, out: Path, wall_seconds
               "params": {k[len("param."):]: _plain(v) for k, v in best.items() if k.startswith("param.")},
               "num_trials": int(len(table)), "trials_errored": int((table["status"] == "ERROR").sum()),
               "epochs_total": int(table["epochs"].sum()), "wall_seconds": round(wall_seconds, 1)}
-    with Checkpoint(str(best["checkpoint_path"])).as_directory() as folder:
+    from raysrec.train.ray_train import score_in_task  # noqa: PLC0415
+
+    checkpoint = Checkpoint(str(best["checkpoint_path"]))
+    scores = score_in_task(checkpoint, base.data, base)
+    with checkpoint.as_directory() as folder:
         keys = json.loads((Path(folder) / artifact.STATE_FILE).read_text())["history"][0].keys()
         return artifact.write_model(out / "best", folder, base.data, source="tune",
                                     history=history[[k for k in keys if k in history]].to_dict("records"),
-                                    search=search)
+                                    search=search, scores=scores)
 
 
 def _plain(value: Any) -> Any:

@@ -40,6 +40,12 @@ def test_ray_train_two_workers_writes_a_complete_output(ray_local, synth_prepare
     assert [w["rank"] for w in saved["workers"]] == [0, 1]
     history = pd.read_csv(out / "history.csv")
     assert saved["valid"]["ndcg@10"] == pytest.approx(history["valid_ndcg@10"].max(), abs=1e-6)
+    # the final scoring ran in a Ray task with a worker's resources, not on the driver
+    from ray.util.state import list_tasks
+
+    scored = list_tasks(address=ray_local.get_runtime_context().gcs_address, filters=[("name", "=", "_score")],
+                        raise_on_missing_output=False)
+    assert any(t.state == "FINISHED" for t in scored), scored
 
 
 def test_resume_from_a_checkpoint_continues_like_the_uninterrupted_run(synth_prepared, tmp_path):
@@ -187,5 +193,6 @@ def test_a_corrupt_shard_ends_the_run_once_in_one_line(synth_prepared, tmp_path)
     assert len(error_lines) == 1 and shard.name in error_lines[0] and "unreadable sequence shard" in error_lines[0]
     assert "Traceback" not in proc.stderr
     output = proc.stdout + proc.stderr
-    assert "retry" not in output.lower() and "restart" not in output.lower(), output[-3000:]
+    # one attempt: each of the 2 workers joined the process group once (FailureConfig would start a new group)
+    assert output.count("Setting up process group") == 2, output[-3000:]
     assert elapsed < 120, elapsed
