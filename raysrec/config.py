@@ -141,6 +141,11 @@ def redact(text: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
 
 
+def redact_tree(value: Any) -> Any:
+    """``value`` (dicts, lists, strings) with :func:`redact` applied to every URI in it."""
+    return _redact_tree(value)
+
+
 def _redact_tree(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value) if "://" in value else value

@@ -5,17 +5,22 @@ Stages (each distributed; the driver only ever holds vocabularies and per-shard 
 1. **read**: every input file is cut into byte ranges / row groups; Ray Data tasks parse them
    (:func:`raysrec.data.sources.read_split`), mark low ratings and add the user's shard number.
 2. **group**: ``groupby(shard).map_groups`` sends all events of a user to one task, which drops
-   marked rows and exact duplicates, sorts by (timestamp, input order) and writes one Parquet
-   file of per-user sequences per shard.
+   marked rows and exact duplicates, sorts by (timestamp, input order) and returns the shard's
+   per-user sequences as one Parquet blob; the grouped dataset is materialized in Ray's object
+   store, so the next stages read it on whichever node they run (no node-local stage folder).
 3. **filter**: per-shard tasks count items after the item/user k-core and minimum-length
    filters; the driver iterates until the k-core is stable and builds the item vocabulary.
-4. **finalize**: per-shard tasks map ids to dense indices, truncate, and write
-   ``sequences/part-NNNNN.parquet`` (one row per user, sorted by ``user_index``).
+4. **finalize**: per-shard tasks map ids to dense indices and truncate; the driver streams the
+   finished shards into ``sequences/part-NNNNN.parquet`` (one row per user, sorted by
+   ``user_index``), one at a time.
+
+Inputs and the output may be local paths or pyarrow URIs (``s3://``, ``gs://``, ...): tasks read
+byte ranges of the input through its filesystem. A local output is written to a temporary
+sibling and renamed into place; a URI output is written data first and ``manifest.json`` last.
 
 Item index: items are numbered 1..N in the natural order of their original ids (numbers
 numerically, strings lexicographically); 0 is padding. Users are numbered 0..U-1 the same way.
-Everything is written to a temporary sibling folder renamed into place at the end, so a
-failed run never leaves an output that looks complete.
+A failed run never leaves an output that looks complete.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -37,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import raysrec
-from raysrec.config import Config, check, option
+from raysrec.config import Config, check, option, redact_tree
 from raysrec.data import transforms
 from raysrec.data.sources import (
     DropReason,
@@ -49,7 +55,7 @@ from raysrec.data.sources import (
     resolve_source,
 )
 from raysrec.errors import InputError
-from raysrec.files import publish_dir, sha256_file
+from raysrec.files import Location, publish, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -101,41 +107,49 @@ def _parse_splits(batch: pa.Table, source: ResolvedSource, min_rating: Optional[
     return pa.concat_tables(tables)
 
 
-def _group_shard(events: pd.DataFrame, stage_dir: str) -> pd.DataFrame:
+def _to_blob(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_blob(blob: bytes) -> pa.Table:
+    return pq.read_table(pa.BufferReader(blob))
+
+
+def _group_shard(events: pd.DataFrame) -> pd.DataFrame:
     shard = int(events["shard"].iloc[0])
     sequences, counts = transforms.group_user_sequences(events)
-    pq.write_table(sequences, f"{stage_dir}/shard-{shard:05d}.parquet")
-    return pd.DataFrame({"shard": [shard], "counts": [json.dumps(counts)]})
+    return pd.DataFrame({"shard": [shard], "counts": [json.dumps(counts)], "sequences": [_to_blob(sequences)]})
 
 
-def _filter_shard(batch: dict[str, np.ndarray], stage_dir: str, allowed: Optional[pa.Array], user_k: int,
+def _filter_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array], user_k: int,
                   min_length: int) -> dict[str, Any]:
     shard = int(batch["shard"][0])
-    table = pq.read_table(f"{stage_dir}/shard-{shard:05d}.parquet")
+    table = _from_blob(batch["sequences"][0])
     table, _ = transforms.filter_sequences(table, allowed, user_k, min_length)
     counts = transforms.item_counts(table)
     return {"shard": [shard], "item_ids": [counts.index.to_numpy()], "item_counts": [counts.to_numpy()],
             "users": [table.column("user").to_numpy(zero_copy_only=False)]}
 
 
-def _finalize_shard(batch: dict[str, np.ndarray], stage_dir: str, out_dir: str, allowed: Optional[pa.Array],
+def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
                     user_k: int, min_length: int, item_vocab: pd.Index, user_vocab: pd.Index,
                     max_length: Optional[int], users_as_int: bool) -> dict[str, Any]:
     shard = int(batch["shard"][0])
-    table = pq.read_table(f"{stage_dir}/shard-{shard:05d}.parquet")
+    table = _from_blob(batch["sequences"][0])
     table, counts = transforms.filter_sequences(table, allowed, user_k, min_length)
     final, truncated = transforms.finalize_sequences(table, item_vocab, user_vocab, max_length)
     counts.update(truncated)
     if users_as_int:
         final = final.set_column(1, "user_id", final.column("user_id").cast(pa.int64()))
     name = f"part-{shard:05d}.parquet"
-    if final.num_rows:
-        pq.write_table(final, f"{out_dir}/{SEQUENCES_DIR}/{name}")
     flat = np.concatenate(final.column("sequence").to_numpy(zero_copy_only=False)) if final.num_rows else np.zeros(0, np.int32)
     item_count = np.bincount(flat, minlength=len(item_vocab) + 1)
     lengths = np.diff(final.column("sequence").combine_chunks().offsets.to_numpy()) if final.num_rows else np.zeros(0)
     return {"shard": [shard], "file": [name if final.num_rows else ""], "counts": [json.dumps(counts)],
-            "item_count": [item_count], "lengths": [lengths.astype(np.int64)]}
+            "item_count": [item_count], "lengths": [lengths.astype(np.int64)],
+            "data": [_to_blob(final) if final.num_rows else b""]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,23 +166,28 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
     started = time.time()
     source = resolve_source(cfg.source)
-    out = Path(cfg.output).resolve()
+    remote = "://" in cfg.output
+    out = Location.of(cfg.output) if remote else Path(cfg.output).resolve()
     if out.exists() and not cfg.overwrite:
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    stage_dir = tmp / "_stage"
+    # The output is assembled in a local temporary folder on the driver (nothing else reads it), then renamed
+    # into place or, for a URI, published with its manifest last.
+    if remote:
+        tmp = Path(tempfile.mkdtemp(prefix="raysrec-prepare-")) / "prepared"
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     (tmp / SEQUENCES_DIR).mkdir(parents=True)
-    stage_dir.mkdir()
     try:
-        manifest = _run(cfg, source, tmp, stage_dir, ray)
-        shutil.rmtree(stage_dir)
+        manifest = _run(cfg, source, tmp, ray)
         manifest["seconds"] = round(time.time() - started, 3)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        publish_dir(tmp, out)
+        if remote:
+            publish(tmp, cfg.output, last=(MANIFEST_FILE,))
+        else:
+            publish_dir(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp.parent if remote else tmp, ignore_errors=True)
     return manifest
 
 
@@ -186,7 +205,7 @@ def _unwrap(exc: BaseException) -> BaseException:
     return InputError(found[-1]) if found else exc
 
 
-def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path, ray) -> dict[str, Any]:
+def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str, Any]:
     splits = plan_splits(source, cfg.split_bytes)
     if not splits:
         raise InputError("no data to read", path=cfg.source.path)
@@ -195,9 +214,10 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path,
     events = ds.map_batches(_parse_splits, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"source": source, "min_rating": cfg.min_rating, "num_shards": cfg.num_shards})
     grouped = events.groupby("shard", num_partitions=min(cfg.num_shards, max(2, len(splits)))).map_groups(
-        _group_shard, batch_format="pandas", fn_kwargs={"stage_dir": str(stage_dir)})
+        _group_shard, batch_format="pandas")
     try:
-        group_stats = grouped.take_all()
+        grouped = grouped.materialize()     # the shards' sequences, in the object store
+        group_stats = grouped.select_columns(["shard", "counts"]).take_all()
     except Exception as exc:  # Ray wraps task errors; surface the user-facing one
         err = _unwrap(exc)
         if err is not exc:
@@ -207,11 +227,10 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path,
     for row in group_stats:
         counts.update(json.loads(row["counts"]))
     rows_read = sum(counts.values())
-    shards = sorted(int(r["shard"]) for r in group_stats)
     if counts["kept"] == 0:
         raise InputError(f"no interaction left after reading and cleaning ({dict(+counts)}); "
                          "check the separator, the rating filter and the id columns", path=cfg.source.path)
-    shard_ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    shard_ds = grouped
 
     # 3: k-core / minimum length, iterated to a fixed point on the item set.
     user_k = cfg.user_k_core
@@ -219,7 +238,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path,
     allowed: Optional[pa.Array] = None
     for _ in range(100):
         rows = shard_ds.map_batches(_filter_shard, batch_size=1, fn_kwargs={
-            "stage_dir": str(stage_dir), "allowed": allowed, "user_k": user_k, "min_length": min_length}).take_all()
+            "allowed": allowed, "user_k": user_k, "min_length": min_length}).take_all()
         per_shard = [pd.Series(r["item_counts"], index=r["item_ids"]) for r in rows if len(r["item_ids"])]
         if not per_shard:
             break
@@ -238,10 +257,13 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path,
     user_vocab, users_as_int = _vocabulary(users, source.id_auto)
 
     # 4: dense indices, truncation, final shards.
-    rows = shard_ds.map_batches(_finalize_shard, batch_size=1, fn_kwargs={
-        "stage_dir": str(stage_dir), "out_dir": str(tmp), "allowed": allowed, "user_k": user_k,
-        "min_length": min_length, "item_vocab": item_vocab, "user_vocab": user_vocab,
-        "max_length": cfg.max_sequence_length, "users_as_int": users_as_int}).take_all()
+    rows = []
+    for row in shard_ds.map_batches(_finalize_shard, batch_size=1, fn_kwargs={
+            "allowed": allowed, "user_k": user_k, "min_length": min_length, "item_vocab": item_vocab,
+            "user_vocab": user_vocab, "max_length": cfg.max_sequence_length, "users_as_int": users_as_int}).iter_rows():
+        if row["file"]:        # streamed: the driver holds one finished shard at a time
+            (tmp / SEQUENCES_DIR / row["file"]).write_bytes(row["data"])
+        rows.append({k: v for k, v in row.items() if k != "data"})
     final_counts: Counter = Counter()
     for row in rows:
         final_counts.update(json.loads(row["counts"]))
@@ -258,9 +280,9 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, stage_dir: Path,
     shard_files = sorted((r["file"], int(len(r["lengths"])), int(np.sum(r["lengths"]))) for r in rows if r["file"])
     return {
         "raysrec_version": raysrec.__version__,
-        "config": cfg.to_dict(),
+        "config": redact_tree(cfg.to_dict()),
         "source_format": source.format,
-        "inputs": [{"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "sha256": sha256_file(p)}
+        "inputs": [{"path": str(p), "bytes": p.size(), "sha256": p.sha256()}
                    for p in source.files + ([source.items_path] if source.items_path else [])],
         "has_timestamps": source.has_timestamp,
         "has_ratings": source.has_rating,

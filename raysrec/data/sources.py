@@ -15,9 +15,7 @@ import csv
 import dataclasses
 import enum
 import io
-import os
 import re
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -29,6 +27,7 @@ import pyarrow.parquet as pq
 
 from raysrec.config import Config, check, option
 from raysrec.errors import InputError
+from raysrec.files import Location
 
 SourceFormat = Literal["auto", "ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet"]
 FORMATS = ("ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet")
@@ -107,14 +106,14 @@ class ResolvedSource:
     """A source after format detection: concrete files, layout and column roles."""
 
     format: str
-    files: list[str]
+    files: list[Location]             # any pyarrow filesystem: tasks on every node open them
     fields: list[str]                 # every column of the file, in order
     roles: dict[str, str]             # role ('user','item','timestamp','rating') -> column name
     delimiter: str                    # '::' and whitespace are normalised before parsing
     has_header: bool
     encoding: str
     id_kind: Literal["int", "str"]
-    items_path: Optional[str]
+    items_path: Optional[Location]
     on_bad_row: str
     quoted: bool = False
     id_auto: bool = False             # ids read as strings, made ints at the end if all are
@@ -143,15 +142,15 @@ MAX_ID_LENGTH = 512  # characters; longer "ids" are broken lines or a wrong sepa
 MAX_LINE_BYTES = 64 << 10  # an interaction line is a few fields; a longer one is a broken file
 
 
-def _require_file(path: Path, what: str) -> None:
+def _require_file(path: Location, what: str) -> None:
     if not path.exists():
         raise InputError(f"{what} not found", path=str(path))
     if not path.is_file():
         raise InputError(f"{what}: expected a file, found a folder", path=str(path))
 
 
-def _read_header(path: Path, encoding: str) -> str:
-    with open(path, "rb") as handle:
+def _read_header(path: Location, encoding: str) -> str:
+    with path.open() as handle:
         raw = handle.readline(1 << 20)
     if not raw.strip():
         raise InputError("the file is empty; expected a header line naming the columns", path=str(path), line=1)
@@ -166,7 +165,7 @@ def _read_header(path: Path, encoding: str) -> str:
         raise InputError(f"the header is not valid {encoding} text (set source.encoding)", path=str(path), line=1) from None
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Location) -> str:
     """Guess the source format from file names; raises when nothing matches."""
     if path.is_dir():
         if (path / "ratings.dat").is_file():
@@ -195,48 +194,50 @@ def detect_format(path: Path) -> str:
 
 def resolve_source(cfg: SourceConfig) -> ResolvedSource:
     """Turn a :class:`SourceConfig` into concrete files and column roles, validating both."""
-    path = Path(cfg.path)
+    path = Location.of(cfg.path)
     if not path.exists():
         raise InputError("input not found: expected an interaction file or a folder holding one", path=str(path))
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    items_path: Optional[Location] = None
     if path.is_dir() and fmt in ("csv", "parquet"):
         # The folder layout `raysrec synth` writes: interactions.<ext> and items.<ext>.
         ext = "csv" if fmt == "csv" else "parquet"
         if (path / f"interactions.{ext}").is_file():
-            if cfg.items_path is None and (path / f"items.{ext}").is_file():
-                cfg = dataclasses.replace(cfg, items_path=str(path / f"items.{ext}"))
+            if (path / f"items.{ext}").is_file():
+                items_path = path / f"items.{ext}"
             path = path / f"interactions.{ext}"
     if fmt not in FORMATS:
         raise InputError(f"unknown source type '{fmt}': expected one of {list(FORMATS)}", path=str(path))
-    items_path = cfg.items_path
+    if cfg.items_path is not None:
+        items_path = Location.of(cfg.items_path)
 
     if fmt == "ml-1m":
         ratings = path / "ratings.dat" if path.is_dir() else path
         _require_file(ratings, "MovieLens-1M ratings.dat")
         if items_path is None and (ratings.parent / "movies.dat").is_file():
-            items_path = str(ratings.parent / "movies.dat")
-        return ResolvedSource(fmt, [str(ratings)], ["user", "item", "rating", "timestamp"],
+            items_path = ratings.parent / "movies.dat"
+        return ResolvedSource(fmt, [ratings], ["user", "item", "rating", "timestamp"],
                               {"user": "user", "item": "item", "rating": "rating", "timestamp": "timestamp"},
                               "::", False, "latin-1", "int", items_path, cfg.on_bad_row)
     if fmt == "ml-100k":
         data = path / "u.data" if path.is_dir() else path
         _require_file(data, "MovieLens-100K u.data")
         if items_path is None and (data.parent / "u.item").is_file():
-            items_path = str(data.parent / "u.item")
-        return ResolvedSource(fmt, [str(data)], ["user", "item", "rating", "timestamp"],
+            items_path = data.parent / "u.item"
+        return ResolvedSource(fmt, [data], ["user", "item", "rating", "timestamp"],
                               {"user": "user", "item": "item", "rating": "rating", "timestamp": "timestamp"},
                               "\t", False, "latin-1", "int", items_path, cfg.on_bad_row)
     if fmt == "sasrec":
-        files = sorted(str(p) for p in path.glob("*.txt")) if path.is_dir() else [str(path)]
+        files = path.glob("*.txt") if path.is_dir() else [path]
         if not files:
             raise InputError("no *.txt file in the folder (SASRec format expects 'user item' lines)", path=str(path))
         for f in files:
-            _require_file(Path(f), "SASRec interaction file")
+            _require_file(f, "SASRec interaction file")
         return ResolvedSource(fmt, files, ["user", "item"], {"user": "user", "item": "item"},
                               " ", False, cfg.encoding, "int", items_path, cfg.on_bad_row)
     if fmt == "recbole":
         if path.is_dir():
-            inters = sorted(path.glob("*.inter"))
+            inters = path.glob("*.inter")
             if len(inters) != 1:
                 raise InputError(f"expected exactly one *.inter file, found {len(inters)}", path=str(path))
             inter = inters[0]
@@ -244,7 +245,7 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
             inter = path
         _require_file(inter, "RecBole .inter file")
         if items_path is None and inter.with_suffix(".item").is_file():
-            items_path = str(inter.with_suffix(".item"))
+            items_path = inter.with_suffix(".item")
         header = _read_header(inter, cfg.encoding)
         if "\t" not in header:
             raise InputError(
@@ -252,45 +253,46 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
                 path=str(inter), line=1)
         fields = [h.split(":", 1)[0].strip() for h in header.split("\t")]
         roles = _assign_roles(fields, cfg, inter, default_rating="rating")
-        return ResolvedSource(fmt, [str(inter)], fields, roles, "\t", True, cfg.encoding,
+        return ResolvedSource(fmt, [inter], fields, roles, "\t", True, cfg.encoding,
                               "int" if cfg.id_type == "int" else "str", items_path, cfg.on_bad_row,
                               id_auto=cfg.id_type == "auto")
     if fmt == "csv":
-        files = sorted(str(p) for p in path.glob("*.csv")) if path.is_dir() else [str(path)]
+        files = path.glob("*.csv") if path.is_dir() else [path]
         if not files:
             raise InputError("no *.csv file in the folder", path=str(path))
-        sep = cfg.sep or ("\t" if files[0].endswith(".tsv") else ",")
-        header = _read_header(Path(files[0]), cfg.encoding)
+        sep = cfg.sep or ("\t" if files[0].suffix == ".tsv" else ",")
+        header = _read_header(files[0], cfg.encoding)
         fields = next(csv.reader([header], delimiter=sep)) if len(sep) == 1 else header.split(sep)
         fields = [f.strip() for f in fields]
         repeated = sorted({f for f in fields if fields.count(f) > 1})
         if repeated:
             raise InputError(f"the header names column(s) {repeated} more than once: {header[:200]!r}",
-                             path=files[0], line=1)
+                             path=str(files[0]), line=1)
         for other in files[1:]:
-            if _read_header(Path(other), cfg.encoding) != header:
-                raise InputError(f"header differs from the first file's {header!r}", path=other, line=1)
-        roles = _assign_roles(fields, cfg, Path(files[0]), default_rating=None, sep=sep)
+            if _read_header(other, cfg.encoding) != header:
+                raise InputError(f"header differs from the first file's {header!r}", path=str(other), line=1)
+        roles = _assign_roles(fields, cfg, files[0], default_rating=None, sep=sep)
         return ResolvedSource(fmt, files, fields, roles, sep, True, cfg.encoding,
                               "int" if cfg.id_type == "int" else "str", items_path, cfg.on_bad_row,
                               quoted=True, id_auto=cfg.id_type == "auto")
     # parquet
-    files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [str(path)]
+    files = path.glob("*.parquet") if path.is_dir() else [path]
     if not files:
         raise InputError("no *.parquet file in the folder", path=str(path))
     try:
-        schema = pq.read_schema(files[0])
+        with files[0].open() as handle:
+            schema = pq.read_schema(handle)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"not a readable Parquet file ({exc})", path=files[0]) from None
+        raise InputError(f"not a readable Parquet file ({exc})", path=str(files[0])) from None
     fields = list(schema.names)
-    roles = _assign_roles(fields, cfg, Path(files[0]), default_rating=None)
+    roles = _assign_roles(fields, cfg, files[0], default_rating=None)
     user_type = schema.field(roles["user"]).type
     id_kind = "int" if pa.types.is_integer(user_type) and cfg.id_type != "str" else "str"
     return ResolvedSource(fmt, files, fields, roles, "", False, cfg.encoding, id_kind, items_path,
                           cfg.on_bad_row)
 
 
-def _assign_roles(fields: list[str], cfg: SourceConfig, path: Path, default_rating: Optional[str],
+def _assign_roles(fields: list[str], cfg: SourceConfig, path: Location, default_rating: Optional[str],
                   sep: Optional[str] = None) -> dict[str, str]:
     roles: dict[str, str] = {}
     wanted = {"user": cfg.user_col, "item": cfg.item_col, "timestamp": cfg.time_col,
@@ -315,16 +317,18 @@ def _assign_roles(fields: list[str], cfg: SourceConfig, path: Path, default_rati
 def plan_splits(source: ResolvedSource, target_bytes: int = 32 << 20) -> list[Split]:
     """Cut every input file into ~``target_bytes`` ranges (text) or row groups (Parquet)."""
     splits: list[Split] = []
-    for index, path in enumerate(source.files):
+    for index, location in enumerate(source.files):
+        path = str(location)
         if source.format == "parquet":
-            meta = pq.ParquetFile(path).metadata
+            with location.open() as handle:
+                meta = pq.ParquetFile(handle).metadata
             offset = 0
             for rg in range(meta.num_row_groups):
                 rows = meta.row_group(rg).num_rows
                 splits.append(Split(index, path, 0, 0, rg, offset))
                 offset += rows
             continue
-        size = os.path.getsize(path)
+        size = location.size()
         if size == 0:
             raise InputError("the file is empty; expected interaction lines", path=path)
         for start in range(0, size, target_bytes):
@@ -332,9 +336,9 @@ def plan_splits(source: ResolvedSource, target_bytes: int = 32 << 20) -> list[Sp
     return splits
 
 
-def _read_range(path: str, start: int, end: int) -> tuple[bytes, int]:
+def _read_range(path: Location, start: int, end: int) -> tuple[bytes, int]:
     """Bytes of the lines whose first byte lies in [start, end), and the offset of the first."""
-    with open(path, "rb") as handle:
+    with path.open() as handle:
         if start > 0:
             handle.seek(start - 1)
             if handle.read(1) != b"\n":
@@ -348,10 +352,10 @@ def _read_range(path: str, start: int, end: int) -> tuple[bytes, int]:
     return data, first
 
 
-def line_number(path: str, offset: int) -> int:
+def line_number(path: Location, offset: int) -> int:
     """1-based number of the line starting at byte ``offset`` (only computed to report errors)."""
     count, done = 1, 0
-    with open(path, "rb") as handle:
+    with path.open() as handle:
         while done < offset:
             chunk = handle.read(min(16 << 20, offset - done))
             if not chunk:
@@ -401,7 +405,7 @@ def read_split(source: ResolvedSource, split: Split) -> pa.Table:
     """Parse one split into the event schema; bad rows raise or are marked MALFORMED_ROW."""
     if source.format == "parquet":
         return _read_parquet_split(source, split)
-    data, first = _read_range(split.path, split.start, split.end)
+    data, first = _read_range(source.files[split.file_index], split.start, split.end)
     skip_header = source.has_header and split.start == 0
     if skip_header:
         cut = data.find(b"\n")
@@ -520,7 +524,7 @@ def _slow_parse(source: ResolvedSource, split: Split, data: bytes, first: int, b
         if isinstance(problem, _Bad):
             field, message = problem.field, problem.message
             if source.on_bad_row == "error":
-                raise InputError(message, path=split.path, line=line_number(split.path, line_offset), field=field)
+                raise InputError(message, path=split.path, line=line_number(source.files[split.file_index], line_offset), field=field)
             users.append(None), items.append(None), stamps.append(None), ratings.append(None)
             codes.append(int(DropReason.MALFORMED_ROW))
             continue
@@ -597,7 +601,8 @@ def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
 def _read_parquet_split(source: ResolvedSource, split: Split) -> pa.Table:
     columns = list(dict.fromkeys(source.roles.values()))
     try:
-        table = pq.ParquetFile(split.path).read_row_group(split.row_group, columns=columns)
+        with source.files[split.file_index].open() as handle:
+            table = pq.ParquetFile(handle).read_row_group(split.row_group, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"cannot read row group {split.row_group} ({exc})", path=split.path) from None
     n = table.num_rows
@@ -656,8 +661,10 @@ def read_item_metadata(source: ResolvedSource, cfg: SourceConfig) -> Optional[pd
     """``item_id`` (as str), ``title``, ``categories`` ('|'-joined) from the source's item file, if any."""
     if source.items_path is None:
         return None
-    path = Path(source.items_path)
-    _require_file(path, "item metadata file")
+    location = source.items_path
+    _require_file(location, "item metadata file")
+    with location.open() as handle:
+        path = io.BytesIO(handle.read())    # item metadata is small; pandas reads it from memory
     try:
         if source.format == "ml-1m":
             frame = pd.read_csv(path, sep="::", engine="python", names=["item_id", "title", "categories"],
@@ -675,14 +682,14 @@ def read_item_metadata(source: ResolvedSource, cfg: SourceConfig) -> Optional[pd
             cats = next((c for c in ("class", "genre", "genres", "categories", "category") if c in frame.columns), None)
             if source.roles["item"] not in frame.columns:
                 raise InputError(f"column '{source.roles['item']}' not found; the columns are {list(frame.columns)}",
-                                 path=str(path), line=1)
+                                 path=str(location), line=1)
             frame = pd.DataFrame({
                 "item_id": frame[source.roles["item"]],
                 "title": frame[title] if title else None,
                 "categories": frame[cats].str.split().str.join("|") if cats else None,
             })
         else:
-            frame = (pd.read_parquet(path) if path.suffix == ".parquet"
+            frame = (pd.read_parquet(path) if location.suffix == ".parquet"
                      else pd.read_csv(path, sep=source.delimiter or ",", dtype=str, encoding=source.encoding,
                                       keep_default_na=False))
             item_col = cfg.item_col if cfg.item_col in frame.columns else frame.columns[0]
@@ -692,6 +699,6 @@ def read_item_metadata(source: ResolvedSource, cfg: SourceConfig) -> Optional[pd
                 "categories": frame[cfg.categories_col] if cfg.categories_col in frame.columns else None,
             })
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"cannot parse item metadata ({exc})", path=str(path)) from None
+        raise InputError(f"cannot parse item metadata ({exc})", path=str(location)) from None
     frame["item_id"] = frame["item_id"].astype(str).str.strip()
     return frame.drop_duplicates("item_id", keep="first").reset_index(drop=True)

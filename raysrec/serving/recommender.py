@@ -28,9 +28,9 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Sequence
-from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
