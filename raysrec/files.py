@@ -27,6 +27,12 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(text).resolve())
 
 
+def join(location: str, *parts: str) -> str:
+    """``location``/part/... for a local path or a URI, keeping a URI's ``?options`` at the end."""
+    base, sep, query = str(location).partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 8 MiB chunks (never the whole file at once)."""
     digest = hashlib.sha256()

@@ -31,7 +31,7 @@ from raysrec.config import Config, check, option, redact
 from raysrec.data.pipeline import PrepareConfig
 from raysrec.data.synth import SynthConfig
 from raysrec.errors import RaysrecError
-from raysrec.files import filesystem, publish
+from raysrec.files import filesystem, join, publish
 from raysrec.serving.config import ServeConfig
 from raysrec.text.embed import EmbedConfig
 from raysrec.train.config import TrainConfig
@@ -117,7 +117,7 @@ def _uses_text(data: dict[str, Any]) -> bool:
 
 
 def _storage(cfg: PipelineConfig, name: str) -> Optional[str]:
-    return f"{cfg.storage_path.rstrip('/')}/{name}" if cfg.storage_path else None
+    return join(cfg.storage_path, name) if cfg.storage_path else None
 
 
 def sample_history(prepared: str | Path, user: int = 0, n: int = 10) -> list[Any]:
@@ -198,11 +198,12 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
         from raysrec.tuning.search import run_search  # noqa: PLC0415
 
         assert cfg.tune is not None
-        search = cfg.tune.replace(data=data_location)
+        search = cfg.tune.replace(data=data_location,
+                                  storage_path=cfg.tune.storage_path or _storage(cfg, "tune"))
         t = step(2, f"tune ({search.num_samples} trials, Ray Tune + Optuna)")
         result = run_search(search)
         model_dir = Path(search.output).resolve() / "best"
-        summary["tune"] = {"valid": result["valid"], "test": result["test"],
+        summary["tune"] = {"valid": result["valid"], "test": result["test"], "workers": result["workers"],
                            **{k: result["search"][k] for k in ("trial_id", "params", "num_trials")}}
         summary["seconds"]["tune"] = round(time.time() - t, 1)
 
@@ -222,7 +223,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     if cfg.deploy:
         from raysrec.serving.app import run  # noqa: PLC0415
 
-        serve_cfg = cfg.serve.replace(model_dir=str(best))
+        # with a storage path the replicas load the published copy, wherever they run
+        serve_cfg = cfg.serve.replace(model_dir=_storage(cfg, "best") or str(best))
         url = f"http://{serve_cfg.host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"
         t = step(4, f"deploy on Ray Serve at {url}")
         run(serve_cfg)

@@ -17,13 +17,39 @@ from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.train.loop import format_epoch, worker_info
 
 FATAL_ERROR = "raysrec_user_error"
+USER_ERROR_FILE = "raysrec_user_error.txt"
 
 
-def raise_user_error(result) -> None:
+def user_error_location(storage_path: str, run_name: str) -> str:
+    """Where a run's user error is written: in the run's storage, which every node and the driver reach."""
+    from raysrec.files import join  # noqa: PLC0415
+
+    return join(storage_path, run_name, USER_ERROR_FILE)
+
+
+def clear_user_error(location: str) -> None:
+    """Forget the error of an earlier run of the same name (a re-run into the same storage)."""
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
+    from raysrec.files import filesystem  # noqa: PLC0415
+
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def raise_user_error(result, location: str) -> None:
     """Raise the user error a run stopped on (see :meth:`RaySession.stop_with_user_error`), if any."""
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
     from raysrec.errors import InputError  # noqa: PLC0415
+    from raysrec.files import filesystem  # noqa: PLC0415
 
     message = (result.metrics or {}).get(FATAL_ERROR)
+    fs, path = filesystem(location)
+    if not message and fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as handle:   # the run can end before its last report is consumed
+            message = handle.read().decode()
     if message:
         raise InputError(message)
 
@@ -31,7 +57,7 @@ def raise_user_error(result) -> None:
 class RaySession:
     """What a Ray Train worker needs: rank, device, DDP, all-reduce, report and checkpoints."""
 
-    def __init__(self) -> None:
+    def __init__(self, user_error_file: Optional[str] = None) -> None:
         import ray.train  # noqa: PLC0415
         import ray.train.torch  # noqa: PLC0415
 
@@ -40,6 +66,7 @@ class RaySession:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.user_error_file = user_error_file
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch  # noqa: PLC0415
@@ -77,8 +104,15 @@ class RaySession:
         return gathered
 
     def stop_with_user_error(self, message: str) -> None:
-        """Every worker reports the error and returns: the run *finishes* (no FailureConfig retry, which is for
-        crashes), and the driver raises it (:func:`raise_user_error`)."""
+        """Rank 0 writes the error to the run's storage, every worker reports it and returns: the run *finishes*
+        (no FailureConfig retry, which is for crashes), and the driver raises it (:func:`raise_user_error`)."""
+        if self.rank == 0 and self.user_error_file:
+            from raysrec.files import filesystem  # noqa: PLC0415
+
+            fs, path = filesystem(self.user_error_file)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(path) as handle:
+                handle.write(message.encode())
         self._train.report({FATAL_ERROR: message})
 
     def latest_checkpoint(self, into: Path) -> Optional[Path]:
@@ -114,7 +148,7 @@ def train_func(config: dict[str, Any]) -> None:
     quiet_report_logs(cfg.verbose)
     if not cfg.use_gpu:
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    train_loop(cfg, RaySession())
+    train_loop(cfg, RaySession(config.get("user_error_file")))
 
 
 def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks: Optional[list] = None):
@@ -125,16 +159,23 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
+    from raysrec.files import filesystem  # noqa: PLC0415
+
+    # Ray gets the filesystem and its path, not a URI string: options (endpoint, region) and credentials
+    # inside a URI stay with the filesystem, and every node opens the same storage.
+    storage_fs, storage_root = filesystem(storage_path)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     return TorchTrainer(
         train_func,
-        train_loop_config={"train_config": cfg.to_dict()},
+        train_loop_config={"train_config": cfg.to_dict(),
+                           "user_error_file": user_error_location(storage_path, run_name)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=storage_root,
+            storage_filesystem=storage_fs,
             callbacks=callbacks or None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Keeps the best checkpoint by valid NDCG@10 and, whatever its score, the latest one (Ray never

@@ -28,14 +28,17 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
     if use_ray:
         from raysrec.train.ray_train import (  # noqa: PLC0415
             build_trainer,
+            clear_user_error,
             raise_user_error,
             run_history,
             score_in_task,
+            user_error_location,
         )
 
         storage = cfg.storage_path or str(out / "ray_results")
+        clear_user_error(user_error_location(storage, "train"))
         result = build_trainer(cfg, run_name="train", storage_path=storage).fit()
-        raise_user_error(result)
+        raise_user_error(result, user_error_location(storage, "train"))
         best = result.get_best_checkpoint(metric=VALID_METRIC, mode=VALID_MODE)
         if best is None:
             raise RuntimeError(f"the training run at {result.path} reported no checkpoint")

@@ -24,6 +24,8 @@ class SearchConfig(Config):
     seed: int = option(0, 'Optuna seed')
     evaluate_default: bool = True     # first trial = the base config, as a reference point
     scheduler: Literal["asha", "fifo"] = option("asha", 'asha stops weak trials early; fifo runs each to its own early stop')
+    storage_path: Optional[str] = option(None, "the Tune experiment and the trials' Ray Train runs: a folder every "
+                                         "node sees or a URI (default: OUTPUT/ray_results)")
     # Train the winning parameters again for up to this many epochs (early stopping as in ``train``) and
     # export that model: trials are cut to ``epochs`` to compare many configs, the final model is not.
     refit_epochs: Optional[int] = option(None, 'retrain the winner for up to N epochs (early stopping) and export that model')

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+import pyarrow.fs as pafs
 
 from raysrec import artifact
+from raysrec.config import redact
 from raysrec.errors import ConfigError
+from raysrec.files import filesystem, join
 from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.tuning.config import SearchConfig
 from raysrec.tuning.placement import release_after_search, release_callback
@@ -42,13 +45,13 @@ def _trial(config: dict[str, Any], base: dict[str, Any], storage: str) -> None:
     from ray import tune  # noqa: PLC0415
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
 
-    from raysrec.train.ray_train import build_trainer, raise_user_error  # noqa: PLC0415
+    from raysrec.train.ray_train import build_trainer, raise_user_error, user_error_location  # noqa: PLC0415
 
     cfg = apply_overrides(TrainConfig.from_dict(base), config)
     trial_id = tune.get_context().get_trial_id()
     result = build_trainer(cfg, run_name=f"train-{trial_id}", storage_path=storage,
                            callbacks=[TuneReportCallback()]).fit()
-    raise_user_error(result)
+    raise_user_error(result, user_error_location(storage, f"train-{trial_id}"))
 
 
 def _defaults_in_space(params: list[Param], base: TrainConfig) -> Optional[dict[str, Any]]:
@@ -83,21 +86,24 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
     cfg.save(out / "tune_config.yaml")
     data = cfg.data if "://" in cfg.data else str(Path(cfg.data).resolve())   # workers do not share our cwd
     base = cfg.train.replace(data=data, output="", epochs=cfg.epochs)
-    storage = str(out / "ray_results")
+    storage = cfg.storage_path or str(out / "ray_results")
+    storage_fs, storage_root = filesystem(storage)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base.to_dict(), storage=str(out / "ray_results" / "train_runs")),
+        tune.with_parameters(_trial, base=base.to_dict(), storage=join(storage, "train_runs")),
         # The trial only waits on its TorchTrainer; a token of memory (no CPU) gives Tune a non-empty bundle
         # while the Train workers hold the real CPUs/GPUs.
         {"CPU": 0, "memory": 64 * 1024 * 1024})
-    experiment = Path(storage) / EXPERIMENT
+    experiment = f"{storage_root}/{EXPERIMENT}"
+    shown = redact(join(storage, EXPERIMENT))
     started = time.time()
-    if resume and tune.Tuner.can_restore(str(experiment)):
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if resume and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_fs)
     else:
         if resume:
-            print(f"nothing to resume at {experiment}; starting a new search")
-        elif experiment.exists():
-            raise ConfigError(f"{experiment} already holds a search: pass --resume to continue it, "
+            print(f"nothing to resume at {shown}; starting a new search")
+        elif storage_fs.get_file_info(experiment).type != pafs.FileType.NotFound:
+            raise ConfigError(f"{shown} already holds a search: pass --resume to continue it, "
                               "or choose another --output")
         per_trial = base.num_workers * (base.cpus_per_worker if not base.use_gpu else 0)
         cpus = ray.cluster_resources().get("CPU", 1)
@@ -114,15 +120,16 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
             trainable, param_space=to_tune(params),
             tune_config=tune.TuneConfig(metric=VALID_METRIC, mode=VALID_MODE, search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, callbacks=[release_callback()],
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage_root, storage_filesystem=storage_fs,
+                                      callbacks=[release_callback()],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
         print(f"search: {cfg.num_samples} trials x <= {cfg.epochs} epochs, {max_concurrent} at a time, "
-              f"space {space_file}; TensorBoard: tensorboard --logdir {storage}")
+              f"space {space_file}; TensorBoard: tensorboard --logdir {redact(storage)}")
     grid = tuner.fit()
     for group in release_after_search():   # the last stopped trial's group can outlive the search
         print(f"released placement group {group[:12]} left behind by a stopped trial", flush=True)
-    summary = export(grid, params, base, out, wall_seconds=time.time() - started)
+    summary = export(grid, params, base, out, storage_fs, wall_seconds=time.time() - started)
     if cfg.refit_epochs:
         summary = refit(cfg, base, summary, out)
     return summary
@@ -138,7 +145,8 @@ def refit(cfg: SearchConfig, base: TrainConfig, summary: dict[str, Any], out: Pa
 
     search = dict(summary["search"])
     refit_cfg = apply_overrides(base, search["params"], where="refit").replace(
-        epochs=cfg.refit_epochs, output=str(out / "refit"))
+        epochs=cfg.refit_epochs, output=str(out / "refit"),
+        storage_path=join(cfg.storage_path, "refit") if cfg.storage_path else None)   # every node reaches it
     print(f"refit: the best parameters {search['params']} for <= {cfg.refit_epochs} epochs", flush=True)
     fit(refit_cfg, source="refit")
     search["trial_metrics"] = {k: summary[k] for k in ("valid", "test", "best_epoch")}
@@ -165,7 +173,8 @@ def trial_table(grid, params: list[Param]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def export(grid, params: list[Param], base: TrainConfig, out: Path, wall_seconds: float) -> dict[str, Any]:
+def export(grid, params: list[Param], base: TrainConfig, out: Path, storage_fs, wall_seconds: float
+           ) -> dict[str, Any]:
     """``trials.csv``, ``report.png`` and ``best/`` (the winning trial's best checkpoint as a model folder)."""
     from ray.train import Checkpoint  # noqa: PLC0415
 
@@ -183,7 +192,7 @@ def export(grid, params: list[Param], base: TrainConfig, out: Path, wall_seconds
               "epochs_total": int(table["epochs"].sum()), "wall_seconds": round(wall_seconds, 1)}
     from raysrec.train.ray_train import score_in_task  # noqa: PLC0415
 
-    checkpoint = Checkpoint(str(best["checkpoint_path"]))
+    checkpoint = Checkpoint(str(best["checkpoint_path"]), filesystem=storage_fs)
     scores = score_in_task(checkpoint, base.data, base)
     with checkpoint.as_directory() as folder:
         keys = json.loads((Path(folder) / artifact.STATE_FILE).read_text())["history"][0].keys()

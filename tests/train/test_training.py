@@ -191,8 +191,10 @@ def test_a_corrupt_shard_ends_the_run_once_in_one_line(synth_prepared, tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("raysrec train: error:")]
     assert len(error_lines) == 1 and shard.name in error_lines[0] and "unreadable sequence shard" in error_lines[0]
-    assert "Traceback" not in proc.stderr
+    # no traceback of the driver (lines Ray forwards from its own actors carry a "(Actor pid=...)" prefix)
+    assert not any(line.startswith("Traceback") for line in proc.stderr.splitlines()), proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    # one attempt: each of the 2 workers joined the process group once (FailureConfig would start a new group)
-    assert output.count("Setting up process group") == 2, output[-3000:]
+    # one attempt: each of the 2 workers joined the process group at most once (a FailureConfig retry starts a new
+    # group; worker log lines can be lost when the driver exits, never added)
+    assert output.count("Setting up process group") <= 2, output[-3000:]
     assert elapsed < 120, elapsed
