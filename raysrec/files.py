@@ -35,10 +35,15 @@ def join(location: str, *parts: str) -> str:
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 8 MiB chunks (never the whole file at once)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
+        return sha256_stream(handle)
+
+
+def sha256_stream(handle) -> str:
+    """Hex sha256 of what is left to read in a binary file, in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: handle.read(8 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -148,11 +153,8 @@ class Location:
         return io.BufferedReader(_RawNative(self.fs.open_input_file(self.path)), buffer_size=1 << 20)
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
         with self.open() as handle:
-            while chunk := handle.read(8 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+            return sha256_stream(handle)
 
 
 class _RawNative(io.RawIOBase):
