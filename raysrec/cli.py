@@ -97,10 +97,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from raysrec.data.pipeline import PrepareConfig, prepare  # noqa: PLC0415
+    from raysrec.data.pipeline import PrepareConfig, check_inputs, prepare  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
 
     cfg = _config_from_args(PrepareConfig, args)
+    check_inputs(cfg)             # a wrong path, format or column fails here, before Ray starts
     ensure_ray(num_cpus=args.num_cpus)
     manifest = prepare(cfg)
     summary = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items",

@@ -160,16 +160,24 @@ def _ids_array(values: np.ndarray, id_kind: str) -> pa.Array:
     return pa.array(values, pa.int64() if id_kind == "int" else pa.string())
 
 
+def check_inputs(cfg: PrepareConfig) -> ResolvedSource:
+    """What can be checked without Ray (the input's files, format, header and columns; an existing output):
+    the CLI calls this before Ray starts, so a wrong path fails in a second."""
+    source = resolve_source(cfg.source)
+    out = Location.of(cfg.output) if "://" in cfg.output else Path(cfg.output).resolve()
+    if out.exists() and not cfg.overwrite:
+        raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
+    return source
+
+
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the whole preparation on the current Ray cluster; returns the manifest."""
     import ray  # noqa: PLC0415
 
     started = time.time()
-    source = resolve_source(cfg.source)
+    source = check_inputs(cfg)
     remote = "://" in cfg.output
     out = Location.of(cfg.output) if remote else Path(cfg.output).resolve()
-    if out.exists() and not cfg.overwrite:
-        raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
     # The output is assembled in a local temporary folder on the driver (nothing else reads it), then renamed
     # into place or, for a URI, published with its manifest last.
     if remote:

@@ -172,3 +172,23 @@ def test_request_models_accept_or_refuse_any_json_with_a_validation_error(body):
         assert len(query.history) <= 10_000
         if model is RecommendRequest:
             assert 1 <= query.k <= 1000
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prepare", "-i", "no-such-log.csv", "-o", "out"], "no-such-log.csv: input not found"),
+    (["train", "--data", "no-such-folder", "-o", "out"], "no-such-folder: not a prepared data folder"),
+    (["tune", "--data", "no-such-folder", "-o", "out"], "no-such-folder: not a prepared data folder"),
+    (["serve", "--model", "no-such-model"], "model folder not found"),
+    (["embed-items", "--data", "no-such-folder"], "not a prepared data folder"),
+])
+def test_user_mistakes_are_caught_before_ray_starts(argv, message, tmp_path):
+    """With RAY_ADDRESS pointing nowhere, touching Ray would fail differently: the check runs first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-m", "raysrec.cli", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
