@@ -18,17 +18,74 @@ LossName = Literal["ce", "sampled", "bce"]
 
 def full_softmax_ce(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
                     label_smoothing: float = 0.0, excluded: Optional[torch.Tensor] = None,
-                    id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    id_keep: Optional[torch.Tensor] = None, chunk_items: int = 0) -> torch.Tensor:
     """Cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023): the default.
 
-    ``excluded`` (N+1,) bool marks items outside the training catalogue (cold-start protocol): they
-    take no part in the softmax, so training never learns anything about them.
+    Items that take no part in the softmax: padding (index 0) and ``excluded`` (N+1,) bool, the items
+    outside the training catalogue (cold-start protocol), so training never learns anything about them.
+    Label smoothing spreads its mass over the allowed items only.
+
+    ``chunk_items > 0`` scores the catalogue that many items at a time and recomputes the logits in the
+    backward pass (:class:`ChunkedLogSumExp`): extra memory O(positions x chunk) instead of O(positions x
+    catalogue), same values and gradients.
     """
-    logits = hidden @ model.item_vectors(id_keep).T                                   # (P, N+1)
-    logits[:, 0] = float("-inf")
+    table = model.item_vectors(id_keep)                                           # (N+1, d)
+    allowed = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
+    allowed[0] = False
     if excluded is not None:
-        logits = logits.masked_fill(excluded, float("-inf"))
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+        allowed &= ~excluded.to(table.device)
+    return softmax_ce(hidden, table, targets, allowed, label_smoothing, chunk_items)
+
+
+def softmax_ce(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor,
+               label_smoothing: float = 0.0, chunk_items: int = 0) -> torch.Tensor:
+    """Mean over rows of ``lse - (1-eps) * s_target - eps * mean_allowed(s)``, ``s = hidden @ table.T``
+    restricted to ``allowed``: cross-entropy with label smoothing ``eps`` over the allowed items.
+
+    hidden (P, d), table (N+1, d), targets (P,), allowed (N+1,) bool. Computed in fp32.
+    """
+    hidden, table = hidden.float(), table.float()
+    if chunk_items and chunk_items < table.shape[0]:
+        lse = ChunkedLogSumExp.apply(hidden, table, allowed, chunk_items)        # (P,)
+    else:
+        lse = torch.logsumexp((hidden @ table.T).masked_fill(~allowed, float("-inf")), dim=1)
+    target = (hidden * table[targets]).sum(-1)                                    # (P,)
+    loss = lse - target
+    if label_smoothing:
+        mean_logit = hidden @ table[allowed].mean(0)                              # (P,): linear in the table
+        loss = lse - (1.0 - label_smoothing) * target - label_smoothing * mean_logit
+    return loss.mean()
+
+
+class ChunkedLogSumExp(torch.autograd.Function):
+    """``logsumexp(hidden @ table.T, masked to allowed)`` per row, computed over item chunks.
+
+    Forward keeps only the (P,) result; backward recomputes each chunk's logits: the gradient of the
+    log-partition is the softmax, ``d lse / d hidden = P @ table`` and ``d lse / d table = P.T @ hidden``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, table: torch.Tensor, allowed: torch.Tensor, chunk: int) -> torch.Tensor:
+        lse = hidden.new_full((hidden.shape[0],), float("-inf"))
+        for start in range(0, table.shape[0], chunk):
+            logits = (hidden @ table[start:start + chunk].T).masked_fill_(~allowed[start:start + chunk], float("-inf"))
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        ctx.save_for_backward(hidden, table, allowed, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse: torch.Tensor):
+        hidden, table, allowed, lse = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden)
+        grad_table = torch.zeros_like(table)
+        for start in range(0, table.shape[0], ctx.chunk):
+            rows = table[start:start + ctx.chunk]
+            logits = (hidden @ rows.T).masked_fill_(~allowed[start:start + ctx.chunk], float("-inf"))
+            weights = torch.exp(logits - lse[:, None]) * grad_lse[:, None]        # (P, chunk) softmax x grad
+            grad_hidden += weights @ rows
+            grad_table[start:start + ctx.chunk] = weights.T @ hidden
+        return grad_hidden, grad_table, None, None
 
 
 def sampled_softmax(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,

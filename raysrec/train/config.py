@@ -30,6 +30,8 @@ class TrainConfig(Config):
     lr: float = option(1e-3, 'AdamW learning rate')
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    ce_chunk_items: int = option(8192, "full CE: score the catalogue this many items at a time, recomputing "
+                                       "logits in backward (memory O(positions x chunk)); 0: all at once")
     aux_loss_weight: float = 0.0
     grad_clip: Optional[float] = None
     epochs: int = option(200, 'maximum epochs')
@@ -58,6 +60,8 @@ class TrainConfig(Config):
         check(self.num_workers >= 1, "train.num_workers must be >= 1")
         check(10 in self.metric_ks, "train.metric_ks must include 10 (early stopping uses valid NDCG@10)")
         check(self.num_negatives >= 1, "train.num_negatives must be >= 1")
+        check(self.ce_chunk_items >= 0, "train.ce_chunk_items must be >= 0 (0: the whole catalogue at once)")
+        check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
         check(0.0 <= self.cold_items < 1.0, "train.cold_items must be in [0, 1)")
         check(self.max_failures >= 0, "train.max_failures must be >= 0")
         check(self.cold_items == 0.0 or self.loss == "ce",

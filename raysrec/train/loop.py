@@ -60,7 +60,8 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
     valid = batch["target_ids"] > 0
     h, targets = out.hidden[valid], batch["target_ids"][valid]                # (P, d), (P,)
     if cfg.loss == "ce":
-        loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded, out.id_keep)
+        loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded, out.id_keep,
+                                      chunk_items=cfg.ce_chunk_items)
     elif cfg.loss == "sampled":
         n = core.cfg.num_items
         if log_q is None:
