@@ -63,9 +63,43 @@ def full_ranking_ranks(scores: torch.Tensor, targets: torch.Tensor, history: Opt
     return (scores >= target_score).sum(1)
 
 
+def full_ranking_ranks_chunked(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+                               history: Optional[torch.Tensor], allowed: Optional[torch.Tensor] = None,
+                               chunk_items: int = 65536) -> torch.Tensor:
+    """:func:`full_ranking_ranks` of ``hidden @ table.T`` without the (B, N+1) score matrix: the items are
+    scored ``chunk_items`` at a time, so memory is O(B x chunk). hidden (B, d), table (N+1, d)."""
+    hidden, table = hidden.float(), table.float()
+    rows = torch.arange(len(targets), device=hidden.device)
+    target_score = (hidden * table[targets]).sum(-1, keepdim=True)                # (B, 1)
+    ranks = torch.zeros(len(targets), dtype=torch.long, device=hidden.device)
+    for start in range(0, table.shape[0], chunk_items):
+        scores = hidden @ table[start:start + chunk_items].T                      # (B, c)
+        width = scores.shape[1]
+        competes = torch.ones_like(scores, dtype=torch.bool)
+        if allowed is not None:
+            competes &= allowed[start:start + width].to(scores.device)
+        if start == 0:
+            competes[:, 0] = False                                                # padding
+        if history is not None:
+            local = history - start
+            inside = (history > 0) & (local >= 0) & (local < width)
+            r, c = torch.nonzero(inside, as_tuple=True)
+            competes[r, local[r, c]] = False
+        here = (targets >= start) & (targets < start + width)                    # the target is no competitor
+        competes[rows[here], targets[here] - start] = False
+        ranks += ((scores >= target_score) & competes).sum(1)
+    return ranks
+
+
 def sampled_candidates(targets: torch.Tensor, history: Optional[torch.Tensor], num_items: int, num_negatives: int,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(B, 1 + n) candidates: the target first, then n distinct items the user never touched."""
+                       generator: Optional[torch.Generator] = None, max_cells: int = 1 << 24) -> torch.Tensor:
+    """(B, 1 + n) candidates: the target first, then n distinct items the user never touched, uniformly.
+
+    Up to ``max_cells`` (B x catalogue) a seen-mask is drawn from in one call; above it, each row draws by
+    rejection, so memory does not grow with the catalogue.
+    """
+    if len(targets) * (num_items + 1) > max_cells:
+        return _sampled_by_rejection(targets, history, num_items, num_negatives, generator)
     seen = torch.zeros(len(targets), num_items + 1, dtype=torch.bool, device=targets.device)
     if history is not None:
         seen.scatter_(1, history, True)
@@ -75,6 +109,22 @@ def sampled_candidates(targets: torch.Tensor, history: Optional[torch.Tensor], n
     n = min(num_negatives, int(weights.sum(1).min().item()))
     negatives = torch.multinomial(weights.cpu(), n, replacement=False, generator=generator).to(targets.device)
     return torch.cat([targets[:, None], negatives], dim=1)
+
+
+def _sampled_by_rejection(targets: torch.Tensor, history: Optional[torch.Tensor], num_items: int, num_negatives: int,
+                          generator: Optional[torch.Generator]) -> torch.Tensor:
+    rows = []
+    for r, target in enumerate(targets.tolist()):
+        seen = {0, target, *(history[r].tolist() if history is not None else [])}
+        wanted = min(num_negatives, num_items + 1 - len(seen))
+        picked: dict[int, None] = {}                      # insertion-ordered set
+        while len(picked) < wanted:
+            for item in torch.randint(1, num_items + 1, (2 * (wanted - len(picked)),), generator=generator).tolist():
+                if item not in seen and item not in picked and len(picked) < wanted:
+                    picked[item] = None
+        rows.append([target, *picked])
+    width = min(len(row) for row in rows)
+    return torch.tensor([row[:width] for row in rows], dtype=torch.long, device=targets.device)
 
 
 def sampled_ranks(candidate_scores: torch.Tensor) -> torch.Tensor:
@@ -132,8 +182,11 @@ def without_items(seqs: SequenceSet, drop: np.ndarray) -> SequenceSet:
 def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[int], batch_size: int,
              device: torch.device, bf16: bool = False, protocol: Protocol = "full", rank: int = 0,
              world_size: int = 1, num_sampled: int = 100, seed: int = 0,
-             allowed: Optional[torch.Tensor] = None) -> np.ndarray:
-    """Metric sums over this worker's share of ``examples``: ``[count, sums in metric_keys(ks) order]``."""
+             allowed: Optional[torch.Tensor] = None, chunk_items: int = 65536) -> np.ndarray:
+    """Metric sums over this worker's share of ``examples``: ``[count, sums in metric_keys(ks) order]``.
+
+    Full ranking scores the catalogue ``chunk_items`` at a time: no (batch x catalogue) matrix is held.
+    """
     model.eval()
     ks = list(ks)
     keys = metric_keys(ks)
@@ -145,7 +198,8 @@ def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[i
             hidden = model(batch)[:, -1]                                        # (B, d) newest position
         targets = batch["target_ids"][:, -1]
         if protocol == "full":
-            ranks = full_ranking_ranks(model.score_all(hidden.float()), targets, batch["history"], allowed)
+            ranks = full_ranking_ranks_chunked(hidden, model.item_vectors(), targets, batch["history"], allowed,
+                                               chunk_items)
         else:
             candidates = sampled_candidates(targets, batch["history"], model.cfg.num_items, num_sampled, generator)
             ranks = sampled_ranks(model.score_items(hidden.float(), candidates))
@@ -199,5 +253,5 @@ def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: P
         examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
     allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
     totals = evaluate(model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=torch.device(device),
-                      bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed)
+                      bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed, chunk_items=cfg.eval_chunk_items)
     return {**summarize(totals, cfg.metric_ks), "rows": int(totals[0])}

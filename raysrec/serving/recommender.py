@@ -68,8 +68,9 @@ class Recommender:
     """A loaded checkpoint with its item index, ready to answer batches of queries."""
 
     def __init__(self, model: SequentialRecommender, item_ids: np.ndarray, titles: Optional[list[Optional[str]]],
-                 counts: np.ndarray, metadata: dict[str, Any], device: str = "cpu") -> None:
+                 counts: np.ndarray, metadata: dict[str, Any], device: str = "cpu", chunk_items: int = 262144) -> None:
         self.model = model.to(device).eval()
+        self.chunk_items = chunk_items                            # exact top-k scores this many items at a time
         self.device = torch.device(device)
         self.max_length = model.cfg.max_length
         self.item_ids = item_ids                                  # index i-1 -> original id of item i
@@ -202,9 +203,8 @@ class Recommender:
 
     def _top_k_batch(self, hidden: torch.Tensor, queries: list[Query], seen: list[list[int]]
                      ) -> list[tuple[list[float], list[int]]]:
-        """One matmul against the item table and one top-k for the whole batch."""
-        scores = hidden @ self.item_vectors.T                                 # (B, N+1)
-        scores[:, 0] = float("-inf")
+        """Exact top-k for the whole batch: one matmul and one top-k per chunk of ``chunk_items`` items (one
+        chunk up to that catalogue size), then a top-k of the chunks' winners; memory O(B x chunk)."""
         rows, cols = [], []
         ks = []
         for r, (q, s) in enumerate(zip(queries, seen)):
@@ -212,10 +212,24 @@ class Recommender:
             rows += [r] * len(blocked)
             cols += blocked
             ks.append(max(0, min(q.k, self.num_items - len(blocked))))
-        if rows:
-            scores[torch.tensor(rows), torch.tensor(cols)] = float("-inf")
-        top = torch.topk(scores, max(ks))
-        values, indices = top.values.tolist(), top.indices.tolist()
+        rows_t = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        cols_t = torch.tensor(cols, dtype=torch.long, device=hidden.device)
+        k_max = max(ks)
+        best_values, best_indices = [], []
+        for start in range(0, self.item_vectors.shape[0], self.chunk_items):
+            scores = hidden @ self.item_vectors[start:start + self.chunk_items].T     # (B, c)
+            if start == 0:
+                scores[:, 0] = float("-inf")
+            inside = (cols_t >= start) & (cols_t < start + scores.shape[1])
+            scores[rows_t[inside], cols_t[inside] - start] = float("-inf")
+            top = torch.topk(scores, min(k_max, scores.shape[1]))
+            best_values.append(top.values)
+            best_indices.append(top.indices + start)
+        values, indices = torch.cat(best_values, 1), torch.cat(best_indices, 1)
+        if len(best_values) > 1:
+            top = torch.topk(values, k_max)
+            values, indices = top.values, indices.gather(1, top.indices)
+        values, indices = values.tolist(), indices.tolist()
         return [(values[r][:k], indices[r][:k]) for r, k in enumerate(ks)]
 
     def _popular(self, q: Query, unknown: list[ItemId]) -> Answer:

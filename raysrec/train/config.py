@@ -38,6 +38,8 @@ class TrainConfig(Config):
     patience: int = option(10, 'stop after this many epochs without a better valid NDCG@10')
     train_windows: Literal["all", "last"] = "all"
     eval_batch_size: int = 256
+    eval_chunk_items: int = option(65536, "evaluation scores the catalogue this many items at a time: it never "
+                                          "holds more than eval_batch_size x this many scores")
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])
     seed: int = option(0, 'random seed')
     # from the training softmax; metrics.json then also reports test metrics on targets among them.
@@ -60,6 +62,7 @@ class TrainConfig(Config):
         check(self.num_workers >= 1, "train.num_workers must be >= 1")
         check(10 in self.metric_ks, "train.metric_ks must include 10 (early stopping uses valid NDCG@10)")
         check(self.num_negatives >= 1, "train.num_negatives must be >= 1")
+        check(self.eval_chunk_items >= 1, "train.eval_chunk_items must be >= 1")
         check(self.ce_chunk_items >= 0, "train.ce_chunk_items must be >= 0 (0: the whole catalogue at once)")
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
         check(0.0 <= self.cold_items < 1.0, "train.cold_items must be in [0, 1)")

@@ -188,7 +188,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
             n_examples += int((batch["target_ids"] > 0).sum())
         train_seconds = time.perf_counter() - started
         valid_sums = evaluate(unwrap(model), valid_ex, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=device,
-                              bf16=cfg.bf16, rank=rank, world_size=world)
+                              bf16=cfg.bf16, rank=rank, world_size=world, chunk_items=cfg.eval_chunk_items)
         totals = session.all_reduce_sum(np.concatenate([[loss_sum, n_batches, n_examples], valid_sums]))
         metrics = {"epoch": epoch + 1, "train_loss": totals[0] / max(totals[1], 1),
                    **summarize(totals[3:], cfg.metric_ks, "valid_"),

@@ -117,3 +117,32 @@ def test_gap_dropout_trains_the_unknown_gap_row(gap_dropout):
         optimizer.step()
     changed = not torch.equal(before, model.gap_emb.weight[0])
     assert changed == (gap_dropout > 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 21, 1000])
+def test_chunked_ranks_equal_the_full_matrix_ranks_ties_included(chunk):
+    from raysrec.evaluation import full_ranking_ranks_chunked
+
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randint(-2, 3, (12, 4), generator=g).float()          # small integers: many exact ties
+    table = torch.randint(-2, 3, (21, 4), generator=g).float()
+    targets = torch.randint(1, 21, (12,), generator=g)
+    history = torch.randint(0, 21, (12, 5), generator=g)
+    allowed = torch.rand(21, generator=g) > 0.2
+    for mask in (None, allowed):
+        expected = full_ranking_ranks(hidden @ table.T, targets, history, mask)
+        assert torch.equal(full_ranking_ranks_chunked(hidden, table, targets, history, mask, chunk), expected)
+
+
+def test_sampled_candidates_by_rejection_are_distinct_and_never_seen():
+    from raysrec.evaluation import sampled_candidates
+
+    targets = torch.tensor([5, 9, 40])
+    history = torch.tensor([[1, 2, 3, 0], [9, 8, 7, 6], [11, 12, 0, 0]])
+    exact = sampled_candidates(targets, history, 60, 20, torch.Generator().manual_seed(0))
+    drawn = sampled_candidates(targets, history, 60, 20, torch.Generator().manual_seed(0), max_cells=10)
+    for candidates in (exact, drawn):
+        assert candidates.shape == (3, 21) and torch.equal(candidates[:, 0], targets)
+        for row, seen in zip(candidates.tolist(), history.tolist()):
+            negatives = row[1:]
+            assert len(set(negatives)) == 20 and not set(negatives) & {0, row[0], *seen}

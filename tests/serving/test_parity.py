@@ -70,3 +70,15 @@ def test_the_probe_runs_the_model_not_the_popularity_fallback(tmp_path):
     _, folder = _saved_model(tmp_path, "longshort", use_time_gap=True)
     answer = Recommender.load(folder).probe()
     assert answer.fallback is None and len(answer.items) == 1 and answer.items[0]["score"] is not None
+
+
+def test_top_k_in_item_chunks_equals_one_matrix(tmp_path):
+    _, folder = _saved_model(tmp_path, "sasrec", use_time_gap=True)
+    whole, chunked = Recommender.load(folder), Recommender.load(folder)
+    chunked.chunk_items = 7                                              # 61 rows: 9 chunks
+    seqs = _histories(timed=False)
+    queries = [Query(history=[f"it{i}" for i in seqs.sequence(u)], k=15, exclude=["it1", "it30"])
+               for u in range(len(seqs))]
+    for a, b in zip(whole.run(queries), chunked.run(queries)):
+        assert [i["item_id"] for i in a.items] == [i["item_id"] for i in b.items]
+        assert [i["score"] for i in a.items] == pytest.approx([i["score"] for i in b.items])
