@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from raysrec.models.sequential import SequentialRecommender
 
-LossName = Literal["ce", "sampled", "bce"]
+LossName = Literal["ce", "sampled", "bce", "gbce"]
 
 
 def full_softmax_ce(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
@@ -90,21 +90,44 @@ class ChunkedLogSumExp(torch.autograd.Function):
 
 def sampled_softmax(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
                     negatives: torch.Tensor, log_q: Optional[torch.Tensor] = None,
-                    id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    id_keep: Optional[torch.Tensor] = None, in_batch: bool = False) -> torch.Tensor:
     """Softmax over the target and N negatives shared by the batch, with logQ correction.
 
     ``negatives`` (N,) are drawn from a proposal q (``log_q`` (num_items+1,) its log-probabilities;
     uniform when ``None``); subtracting log q makes the estimate consistent for popularity
-    sampling. Negatives equal to a row's target are masked (accidental hits).
+    sampling. With ``in_batch`` the batch's other target items are negatives too (they occur in
+    proportion to popularity, so the same log q corrects them). A negative equal to a row's target
+    is masked (accidental hits), in either set.
     """
     pos = (hidden * model.item_rows(targets, id_keep)).sum(-1, keepdim=True)            # (P, 1)
-    neg = hidden @ model.item_rows(negatives, id_keep).T                                  # (P, N)
-    if log_q is not None:
-        pos = pos - log_q[targets].unsqueeze(-1)
-        neg = neg - log_q[negatives].unsqueeze(0)
-    neg = neg.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(-1), float("-inf"))
-    logits = torch.cat([pos, neg], dim=-1).float()
+    pools = [negatives] + ([torch.unique(targets)] if in_batch else [])
+    parts = [pos - log_q[targets].unsqueeze(-1) if log_q is not None else pos]
+    for pool in pools:
+        neg = hidden @ model.item_rows(pool, id_keep).T                                   # (P, |pool|)
+        if log_q is not None:
+            neg = neg - log_q[pool].unsqueeze(0)
+        parts.append(neg.masked_fill(pool.unsqueeze(0) == targets.unsqueeze(-1), float("-inf")))
+    logits = torch.cat(parts, dim=-1).float()
     return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=targets.device))
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+    """gSASRec's positive-term exponent: ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)``, with
+    ``alpha = k / (N - 1)`` the negative sampling rate; t = 0 gives plain BCE (beta = 1), t = 1 beta = alpha."""
+    alpha = num_negatives / max(num_items - 1, 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def gbce(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+         t: float = 0.75, id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Generalised BCE of gSASRec (Petrov & Macdonald, RecSys 2023): ``-beta * log sigmoid(s+) -
+    sum_neg log(1 - sigmoid(s-))`` per position, averaged. ``negatives`` (k,) uniform, shared by the batch;
+    with beta from :func:`gbce_beta` the model's scores stay calibrated despite sampling (t = calibration)."""
+    beta = gbce_beta(len(negatives), model.cfg.num_items, t)
+    pos = (hidden * model.item_rows(targets, id_keep)).sum(-1).float()                  # (P,)
+    neg = (hidden @ model.item_rows(negatives, id_keep).T).float()                      # (P, k)
+    neg_term = F.logsigmoid(-neg).masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(-1), 0.0)
+    return (-beta * F.logsigmoid(pos) - neg_term.sum(-1)).mean()
 
 
 def bce_one_negative(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,

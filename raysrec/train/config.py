@@ -23,8 +23,10 @@ class TrainConfig(Config):
     data: str = option("", 'a folder written by `raysrec prepare` (local path or URI)')
     output: str = option("", 'output folder (a model folder)')
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    loss: Literal["ce", "sampled", "bce"] = option("ce", 'ce: full softmax; sampled: sampled softmax with logQ correction; bce: one negative (SASRec paper)')
-    num_negatives: int = 256
+    loss: Literal["ce", "sampled", "bce", "gbce"] = option("ce", 'ce: full softmax; sampled: sampled softmax with logQ correction; bce: one negative (SASRec paper); gbce: gSASRec\'s generalised BCE')
+    num_negatives: int = 256        # sampled and gbce: negatives per batch
+    in_batch_negatives: bool = False  # sampled: the batch's other targets are negatives too
+    gbce_t: float = 0.75            # gbce calibration (0: plain BCE, 1: fully calibrated)
     negative_sampling: Literal["uniform", "popularity"] = "popularity"
     batch_size: int = option(128, 'sequences per step and worker')
     lr: float = option(1e-3, 'AdamW learning rate')
@@ -55,7 +57,8 @@ class TrainConfig(Config):
     verbose: bool = option(False, "also print Ray Train's per-report lines")
 
     def validate(self) -> None:
-        check(self.loss in ("ce", "sampled", "bce"), "train.loss must be ce, sampled or bce")
+        check(self.loss in ("ce", "sampled", "bce", "gbce"), "train.loss must be ce, sampled, bce or gbce")
+        check(0.0 <= self.gbce_t <= 1.0, "train.gbce_t must be in [0, 1]")
         check(self.batch_size >= 1 and self.eval_batch_size >= 1, "train batch sizes must be >= 1")
         check(self.lr > 0, "train.lr must be > 0")
         check(self.epochs >= 1 and self.patience >= 1, "train.epochs and train.patience must be >= 1")

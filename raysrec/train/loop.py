@@ -68,7 +68,12 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
             negatives = torch.randint(1, n + 1, (cfg.num_negatives,), device=h.device, generator=generator)
         else:
             negatives = torch.multinomial(log_q.exp(), cfg.num_negatives, replacement=True, generator=generator)
-        loss = losses.sampled_softmax(core, h, targets, negatives.to(h.device), log_q, out.id_keep)
+        loss = losses.sampled_softmax(core, h, targets, negatives.to(h.device), log_q, out.id_keep,
+                                      in_batch=cfg.in_batch_negatives)
+    elif cfg.loss == "gbce":
+        negatives = torch.randint(1, core.cfg.num_items + 1, (cfg.num_negatives,), device=h.device,
+                                  generator=generator)
+        loss = losses.gbce(core, h, targets, negatives, cfg.gbce_t, out.id_keep)
     else:
         loss = losses.bce_one_negative(core, h, targets, batch["negative_ids"][valid][:, 0], out.id_keep)
     if out.aux is not None:

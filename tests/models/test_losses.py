@@ -55,3 +55,64 @@ def test_the_model_level_loss_is_finite_with_label_smoothing_and_chunks():
     plain = full_softmax_ce(model, hidden, targets, label_smoothing=0.1)
     chunked = full_softmax_ce(model, hidden, targets, label_smoothing=0.1, chunk_items=7)
     assert torch.isfinite(plain) and torch.allclose(plain, chunked, rtol=1e-5)
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(num_items=N, hidden_dim=D, num_heads=1, num_layers=1, max_length=5))
+
+
+def test_gbce_by_hand():
+    from raysrec.models.losses import gbce, gbce_beta
+
+    model = _model()
+    hidden = torch.randn(6, D)
+    targets = torch.tensor([1, 2, 3, 4, 5, 7])
+    negatives = torch.tensor([7, 9, 11])                     # 7 is row 5's own target: an accidental hit
+    pos = (hidden * model.item_rows(targets)).sum(-1)
+    neg = hidden @ model.item_rows(negatives).T
+    hit = negatives.unsqueeze(0) == targets.unsqueeze(-1)
+    bce = (-F.logsigmoid(pos) - F.logsigmoid(-neg).masked_fill(hit, 0.0).sum(-1)).mean()
+    torch.testing.assert_close(gbce(model, hidden, targets, negatives, t=0.0), bce)     # t = 0: plain BCE
+    alpha = 3 / (N - 1)
+    assert gbce_beta(3, N, 1.0) == pytest.approx(alpha) and gbce_beta(3, N, 0.0) == pytest.approx(1.0)
+    beta = gbce_beta(3, N, 0.75)
+    calibrated = (-beta * F.logsigmoid(pos) - F.logsigmoid(-neg).masked_fill(hit, 0.0).sum(-1)).mean()
+    torch.testing.assert_close(gbce(model, hidden, targets, negatives, t=0.75), calibrated)
+
+
+def test_in_batch_negatives_join_the_sampled_ones_with_accidental_hits_masked():
+    from raysrec.models.losses import sampled_softmax
+
+    model = _model()
+    hidden = torch.randn(4, D)
+    targets = torch.tensor([3, 3, 8, 20])                   # rows 0 and 1 share a target
+    negatives = torch.tensor([5, 8])
+    log_q = torch.log(torch.linspace(1, 2, N + 1) / torch.linspace(1, 2, N + 1).sum())
+    got = sampled_softmax(model, hidden, targets, negatives, log_q, in_batch=True)
+    rows = []
+    for r in range(4):
+        pool = [5, 8, 3, 8, 20]                             # sampled negatives, then the batch's distinct targets
+        scores = [float(hidden[r] @ model.item_rows(torch.tensor(targets[r])) - log_q[targets[r]])]
+        scores += [float(hidden[r] @ model.item_rows(torch.tensor(i)) - log_q[i]) if i != int(targets[r])
+                   else float("-inf") for i in pool]
+        rows.append(torch.tensor(scores))
+    want = F.cross_entropy(torch.stack(rows), torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got < sampled_softmax(model, hidden, targets, negatives, log_q, in_batch=False) + 10   # finite
+
+
+@pytest.mark.parametrize("options", [{"loss": "gbce", "num_negatives": 16},
+                                     {"loss": "sampled", "num_negatives": 16, "in_batch_negatives": True}])
+def test_training_runs_with_the_new_losses(options, synth_prepared, tmp_path):
+    from raysrec.train.config import TrainConfig
+    from raysrec.train.loop import LocalSession, train_loop
+
+    session = LocalSession(tmp_path / "best")
+    session.verbose = False
+    cfg = TrainConfig(data=str(synth_prepared), epochs=2, patience=2,
+                      model=ModelConfig(hidden_dim=16, num_heads=1, num_layers=1, max_length=20), **options)
+    train_loop(cfg, session)
+    losses_seen = [m["train_loss"] for m in session.history]
+    assert all(torch.isfinite(torch.tensor(losses_seen))) and losses_seen[1] < losses_seen[0]
+    assert session.history[-1]["valid_hr@10"] > 0.1          # random is 10/200
