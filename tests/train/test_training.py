@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -43,8 +44,13 @@ def test_ray_train_two_workers_writes_a_complete_output(ray_local, synth_prepare
     # the final scoring ran in a Ray task with a worker's resources, not on the driver
     from ray.util.state import list_tasks
 
-    scored = list_tasks(address=ray_local.get_runtime_context().gcs_address, filters=[("name", "=", "_score")],
-                        raise_on_missing_output=False)
+    deadline = time.time() + 30             # the state API catches up with a finished task after a moment
+    while True:
+        scored = list_tasks(address=ray_local.get_runtime_context().gcs_address, filters=[("name", "=", "_score")],
+                            raise_on_missing_output=False)
+        if any(t.state == "FINISHED" for t in scored) or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert any(t.state == "FINISHED" for t in scored), scored
 
 
@@ -176,7 +182,6 @@ def test_a_corrupt_shard_ends_the_run_once_in_one_line(synth_prepared, tmp_path)
     FailureConfig's retries, and the CLI prints one line and exits 2."""
     import os
     import shutil
-    import time
 
     data = tmp_path / "prepared"
     shutil.copytree(synth_prepared, data)
