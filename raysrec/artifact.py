@@ -182,19 +182,16 @@ def resolve(path: str | Path) -> ModelFolder:
 
 
 def score(checkpoint: str | Path, data: str, device: str = "cpu") -> dict[str, Any]:
-    """The figures a model folder carries: valid and test metrics and, for the cold-start protocol, ``cold``."""
-    from raysrec.evaluation import evaluate_checkpoint  # noqa: PLC0415  (evaluation reads model folders)
+    """The figures a model folder carries: valid and test metrics and, for the cold-start protocol, ``cold``.
+    The checkpoint and the data are loaded once for all of them."""
+    from raysrec.evaluation import CheckpointEvaluator  # noqa: PLC0415  (evaluation reads model folders)
 
-    cfg = TrainConfig.load(Path(checkpoint) / CONFIG_FILE)
-
-    def one(**kw: Any) -> dict[str, float]:
-        return evaluate_checkpoint(data, checkpoint, device=device, **kw)
-
+    evaluator = CheckpointEvaluator(data, checkpoint, device)
     cold = None
-    if cfg.cold_items:
-        cold = {"test_cold": one(targets="cold"), "test_warm": one(targets="warm"),
-                "test_cold_among_cold": one(targets="cold", candidates="cold")}
-    return {"valid": one(split="valid"), "test": one(split="test"), "cold": cold}
+    if evaluator.cold is not None:
+        cold = {"test_cold": evaluator.score(targets="cold"), "test_warm": evaluator.score(targets="warm"),
+                "test_cold_among_cold": evaluator.score(targets="cold", candidates="cold")}
+    return {"valid": evaluator.score(split="valid"), "test": evaluator.score(split="test"), "cold": cold}
 
 
 def locate(location: str | Path) -> str:
@@ -217,21 +214,24 @@ def locate(location: str | Path) -> str:
                           f"best/{CHECKPOINT_DIR}/{STATE_FILE} or {STATE_FILE})")
 
 
-def fetch(location: str | Path, into: str | Path) -> ModelFolder:
-    """A model folder from a local path (used in place) or a URI (downloaded into ``into``, once). Loading the
-    checkpoint then checks every file's sha256 against ``state.json``, so a partial download is refused."""
+def fetch(location: str | Path, into: str | Path) -> tuple[ModelFolder, str]:
+    """A model folder from a local path (used in place) or a URI (downloaded into ``into``, once), and where it
+    was found (:func:`locate`). Loading the checkpoint then checks every file's sha256 against ``state.json``,
+    so a partial download is refused."""
     text = str(location)
     if "://" not in text:
-        return resolve(text)
+        located = resolve(text)
+        return located, str(located.root)
     import pyarrow.fs as pafs  # noqa: PLC0415
 
     from raysrec.files import filesystem  # noqa: PLC0415
 
-    fs, path = filesystem(locate(text))
+    source = locate(text)
+    fs, path = filesystem(source)
     into = Path(into)
     into.mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(into), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return resolve(into)
+    return resolve(into), source
 
 
 def _redacted(text: str) -> str:

@@ -221,6 +221,44 @@ def check_same_items(checkpoint_items: np.ndarray, data: PreparedData, where: st
                               "evaluate on the prepared folder the model was trained on")
 
 
+class CheckpointEvaluator:
+    """A saved model and the prepared folder it was trained on, loaded once (checkpoint verified, item index
+    compared, shards read), then scored on any split, protocol or cold-start subset."""
+
+    def __init__(self, data_dir: str | Path, model_dir: str | Path, device: str = "cpu") -> None:
+        from raysrec import artifact  # noqa: PLC0415  (artifact imports this module for the final figures)
+
+        folder = artifact.resolve(model_dir).checkpoint
+        self.model, self.cfg, _ = artifact.load_checkpoint(folder, map_location=device)
+        data = PreparedData.load(data_dir)
+        check_same_items(artifact.item_ids(folder), data, str(model_dir))
+        self.model.to(device)
+        self.device = torch.device(device)
+        self.seqs = data.read()
+        self.cold = held_out_items(data.num_items, self.cfg.cold_items, self.cfg.seed) if self.cfg.cold_items else None
+        if self.cold is not None:
+            self.seqs = without_items(self.seqs, self.cold)
+
+    def score(self, split: Literal["valid", "test"] = "test", protocol: Protocol = "full", seed: int = 0,
+              targets: Literal["all", "cold", "warm"] = "all",
+              candidates: Literal["all", "cold"] = "all") -> dict[str, float]:
+        """See :func:`evaluate_checkpoint`."""
+        cfg, cold = self.cfg, self.cold
+        if targets != "all" and cold is None:
+            raise ConfigError(f"targets={targets!r} needs a model trained with cold_items > 0")
+        if candidates == "cold" and (targets != "cold" or protocol != "full"):
+            raise ConfigError("candidates='cold' needs targets='cold' and the full protocol")
+        examples = evaluation_examples(self.seqs, self.model.cfg.max_length, split)
+        if cold is not None and targets != "all":
+            is_cold = cold[examples.target_ids[:, -1]]
+            examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
+        allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
+        totals = evaluate(self.model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=self.device,
+                          bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed,
+                          chunk_items=cfg.eval_chunk_items)
+        return {**summarize(totals, cfg.metric_ks), "rows": int(totals[0])}
+
+
 def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: Protocol = "full",
                         split: Literal["valid", "test"] = "test", device: str = "cpu", seed: int = 0,
                         targets: Literal["all", "cold", "warm"] = "all",
@@ -232,26 +270,4 @@ def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: P
     held-out ``cold`` ones (how well new items are ranked among the new items, e.g. for a "new
     arrivals" slot).
     """
-    from raysrec import artifact  # noqa: PLC0415  (artifact imports this module for the final figures)
-
-    folder = artifact.resolve(model_dir).checkpoint
-    model, cfg, _ = artifact.load_checkpoint(folder, map_location=device)
-    if targets != "all" and not cfg.cold_items:
-        raise ConfigError(f"targets={targets!r} needs a model trained with cold_items > 0")
-    if candidates == "cold" and (targets != "cold" or protocol != "full"):
-        raise ConfigError("candidates='cold' needs targets='cold' and the full protocol")
-    data = PreparedData.load(data_dir)
-    check_same_items(artifact.item_ids(folder), data, str(model_dir))
-    model.to(device)
-    seqs = data.read()
-    cold = held_out_items(data.num_items, cfg.cold_items, cfg.seed) if cfg.cold_items else None
-    if cold is not None:
-        seqs = without_items(seqs, cold)
-    examples = evaluation_examples(seqs, model.cfg.max_length, split)
-    if cold is not None and targets != "all":
-        is_cold = cold[examples.target_ids[:, -1]]
-        examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
-    allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
-    totals = evaluate(model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=torch.device(device),
-                      bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed, chunk_items=cfg.eval_chunk_items)
-    return {**summarize(totals, cfg.metric_ks), "rows": int(totals[0])}
+    return CheckpointEvaluator(data_dir, model_dir, device).score(split, protocol, seed, targets, candidates)

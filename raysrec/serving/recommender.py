@@ -90,7 +90,12 @@ class Recommender:
         """A model folder (or tune output, or checkpoint folder) at a local path or a URI (``s3://bucket/run/best``:
         downloaded once into a temporary folder this object owns, every file's sha256 checked)."""
         download = tempfile.TemporaryDirectory(prefix="raysrec-model-") if "://" in str(path) else None
-        located = artifact.fetch(path, download.name) if download else artifact.resolve(path)
+        if download:
+            located, source = artifact.fetch(path, download.name)
+            name = Path(urlparse(source).path)
+        else:
+            located = artifact.resolve(path)
+            name = located.root
         folder = located.checkpoint
         model, cfg, state = artifact.load_checkpoint(folder, map_location=device)
         items = artifact.item_table(folder)
@@ -101,7 +106,7 @@ class Recommender:
         metrics = located.metrics() or {}
         metadata = {
             "model": cfg.model.name, "checkpoint": str(folder),
-            "version": version_of(state, Path(urlparse(artifact.locate(path)).path) if download else located.root),
+            "version": version_of(state, name),
             "source": redact(str(path)),
             "num_items": n, "max_length": model.cfg.max_length, "epoch": state.get("epoch"),
             "valid_ndcg@10": state.get("best"), "config": cfg.to_dict(),

@@ -187,12 +187,14 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks:
 
 
 def run_history(result) -> list[dict[str, Any]]:
-    """Every epoch's metrics and where the workers ran, from the latest checkpoint's state (Ray's own
-    ``metrics_dataframe`` keeps a row per report too, but not the placement)."""
+    """Every epoch's metrics and where the workers ran, from the latest checkpoint's ``state.json`` (Ray's own
+    ``metrics_dataframe`` keeps a row per report too, but not the placement). Only that file is read, through
+    the checkpoint's filesystem: the weights and optimizer state stay where they are."""
     if result.checkpoint is None:
         return []
-    with result.checkpoint.as_directory() as folder:  # downloads when storage is remote (s3://, gs://)
-        return list(json.loads((Path(folder) / "state.json").read_text()).get("history", []))
+    checkpoint = result.checkpoint
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/state.json") as handle:
+        return list(json.loads(handle.read().decode()).get("history", []))
 
 
 def score_in_task(checkpoint, data: str, cfg: TrainConfig) -> dict[str, Any]:
