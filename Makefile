@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-cpu.txt | cksum | cut -d' ' -f1)
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-gpu lint bench clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 # The pure tests (no Ray, Serve or subprocess cluster): under 3 minutes.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The CUDA tests (tests/gpu, marker gpu): on a GPU machine; elsewhere they are skipped.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 lint: install
 	$(VENV)/bin/ruff check raysrec jobs serve tests bench

@@ -8,9 +8,13 @@ Three measurements in one run, on the same prepared data (ML-100K by default), m
 
 Throughput is training examples (target positions) per second inside the epoch loop, the
 median over epochs; the wall time including Ray's worker-group start-up is printed too. On a
-GPU box pass ``--use-gpu`` (bf16 autocast) and the plain loop runs on CUDA as well.
+GPU box pass ``--use-gpu`` (bf16 autocast) and the plain loop runs on CUDA as well; ``--ce`` then
+runs the plain loop once per full-CE implementation (``plain``: the whole logit matrix; ``chunked``:
+:class:`ChunkedLogSumExp`; ``fused``: Cut Cross-Entropy) and reports each one's peak GPU memory.
+``--synthetic-items N`` trains on a generated log with an N-item catalogue instead of ML-100K.
 
     python bench/train.py [--data PREPARED_DIR] [--epochs 3] [--num-cpus N] [--use-gpu]
+    python bench/train.py --use-gpu --synthetic-items 1000000 --ce plain chunked fused --workers
 """
 
 from __future__ import annotations
@@ -45,8 +49,20 @@ def prepared_ml100k(workdir: Path) -> Path:
     return out
 
 
-def plain_loop(cfg: TrainConfig, device: str) -> list[float]:
-    """What a user writes by hand: same model, batches and loss; examples/s per epoch."""
+def synthetic(workdir: Path, items: int, events: int) -> Path:
+    from raysrec.data.pipeline import PrepareConfig, prepare  # noqa: PLC0415
+    from raysrec.data.sources import SourceConfig  # noqa: PLC0415
+    from raysrec.data.synth import SynthConfig, write  # noqa: PLC0415
+
+    raw, out = workdir / f"synth-{items}", workdir / f"synth-{items}-prepared"
+    write(SynthConfig(output=str(raw), num_users=max(1000, events // 50), num_items=items, num_events=events,
+                      seed=0))
+    prepare(PrepareConfig(source=SourceConfig(path=str(raw)), output=str(out), overwrite=True))
+    return out
+
+
+def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked") -> tuple[list[float], float]:
+    """What a user writes by hand: same model, batches and loss; examples/s per epoch and peak GPU MiB."""
     torch.manual_seed(cfg.seed)
     data = PreparedData.load(cfg.data)
     model_cfg = cfg.model.replace(num_items=data.num_items)
@@ -54,6 +70,10 @@ def plain_loop(cfg: TrainConfig, device: str) -> list[float]:
     model = build_model(model_cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     use_bf16 = device == "cuda" and cfg.bf16
+    chunk = {"plain": 0, "chunked": cfg.ce_chunk_items}.get(ce, 0)
+    kernel = "cce" if ce == "fused" else "torch"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     rates = []
     for epoch in range(cfg.epochs):
         started, n = time.perf_counter(), 0
@@ -61,15 +81,16 @@ def plain_loop(cfg: TrainConfig, device: str) -> list[float]:
                                      device=torch.device(device)):
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
                 valid = batch["target_ids"] > 0
-                loss = full_softmax_ce(model, model(batch)[valid], batch["target_ids"][valid])
+                loss = full_softmax_ce(model, model(batch)[valid], batch["target_ids"][valid], chunk_items=chunk,
+                                       kernel=kernel)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            n += int((batch["target_ids"] > 0).sum())
-        if device == "cuda":
-            torch.cuda.synchronize()
+            n += (batch["target_ids"] > 0).sum()
+        n = int(n)                                   # waits for the last step
         rates.append(n / (time.perf_counter() - started))
-    return rates
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
+    return rates, peak
 
 
 def main() -> None:
@@ -78,21 +99,36 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--use-gpu", action="store_true")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray Train runs (none: plain only)")
+    parser.add_argument("--ce", nargs="+", default=["chunked"], choices=["plain", "chunked", "fused"],
+                        help="full-CE implementations for the plain loop")
+    parser.add_argument("--synthetic-items", type=int, help="train on a generated log with this many items")
+    parser.add_argument("--synthetic-events", type=int, default=2_000_000)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=50)
     args = parser.parse_args()
     os.environ.setdefault("RAYSREC_PROGRESS", "0")
 
     ensure_ray(num_cpus=args.num_cpus)
     work = Path(tempfile.mkdtemp(prefix="raysrec-bench-train-"))
-    data = args.data or str(prepared_ml100k(work))
+    if args.synthetic_items:
+        data = str(synthetic(work, args.synthetic_items, args.synthetic_events))
+    else:
+        data = args.data or str(prepared_ml100k(work))
     device = "cuda" if args.use_gpu else "cpu"
-    base = TrainConfig(data=data, model=ModelConfig(), epochs=args.epochs, patience=args.epochs,
+    model = ModelConfig(hidden_dim=args.hidden, max_length=args.max_length)
+    base = TrainConfig(data=data, model=model, epochs=args.epochs, patience=args.epochs,
                        use_gpu=args.use_gpu, bf16=True)
     torch.set_num_threads(args.num_cpus)
     rows = []
     started = time.perf_counter()
-    plain = statistics.median(plain_loop(base, device))
-    rows.append(("plain PyTorch loop, 1 process", plain, time.perf_counter() - started))
+    plain = None
+    for ce in args.ce:
+        started = time.perf_counter()
+        rates, peak = plain_loop(base, device, ce)
+        rate = statistics.median(rates)
+        plain = plain or rate
+        rows.append((f"plain PyTorch loop, 1 process, {ce} CE", rate, time.perf_counter() - started, peak))
     for workers in args.workers:
         cfg = base.replace(output=str(work / f"ray{workers}"), num_workers=workers,
                            cpus_per_worker=max(1, args.num_cpus // workers) if not args.use_gpu else 1,
@@ -100,15 +136,18 @@ def main() -> None:
         started = time.perf_counter()
         metrics = fit(cfg)
         rows.append((f"raysrec, Ray Train x{workers} worker(s)", metrics["examples_per_second"],
-                     time.perf_counter() - started))
-    print(f"\nSASRec (64-d, 2 layers, max_length {base.model.max_length}, full CE, batch {base.batch_size}), "
-          f"{args.epochs} epochs, device {device}, {args.num_cpus} CPUs")
-    print("| run | examples/s (median epoch) | ratio vs plain | wall s incl. start-up + eval |")
-    print("| --- | --- | --- | --- |")
-    for name, rate, wall in rows:
-        print(f"| {name} | {rate:,.0f} | {rate / plain:.2f}x | {wall:.1f} |")
-    if len(rows) >= 3:
-        print(f"\n{args.workers[1]} workers vs {args.workers[0]}: {rows[2][1] / rows[1][1]:.2f}x")
+                     time.perf_counter() - started, float("nan")))
+    items = PreparedData.load(data).num_items
+    gpu = f" ({torch.cuda.get_device_name()})" if args.use_gpu else ""
+    print(f"\nSASRec ({args.hidden}-d, 2 layers, max_length {base.model.max_length}, full CE, batch "
+          f"{base.batch_size}), {items:,} items, {args.epochs} epochs, device {device}{gpu}, {args.num_cpus} CPUs")
+    print("| run | examples/s (median epoch) | ratio vs first | peak GPU MiB | wall s incl. start-up + eval |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, rate, wall, peak in rows:
+        print(f"| {name} | {rate:,.0f} | {rate / plain:.2f}x | {peak:,.0f} | {wall:.1f} |")
+    ray_rows = [r for r in rows if r[0].startswith("raysrec")]
+    if len(ray_rows) >= 2:
+        print(f"\n{args.workers[1]} workers vs {args.workers[0]}: {ray_rows[1][1] / ray_rows[0][1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -53,15 +53,16 @@ def unwrap(model: nn.Module) -> SequentialRecommender:
 
 def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
                  log_q: Optional[torch.Tensor], generator: Optional[torch.Generator],
-                 excluded: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One batch's training loss (+ the auxiliary loss when the model has one and it is weighted)."""
+                 excluded: Optional[torch.Tensor] = None, ce_kernel: str = "torch") -> torch.Tensor:
+    """One batch's training loss (+ the auxiliary loss when the model has one and it is weighted);
+    ``ce_kernel`` from :func:`losses.ce_kernel`."""
     core = unwrap(model)
     out = model(batch, train_outputs=True, aux=cfg.aux_loss_weight > 0)
     valid = batch["target_ids"] > 0
     h, targets = out.hidden[valid], batch["target_ids"][valid]                # (P, d), (P,)
     if cfg.loss == "ce":
         loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded, out.id_keep,
-                                      chunk_items=cfg.ce_chunk_items)
+                                      chunk_items=cfg.ce_chunk_items, kernel=ce_kernel)
     elif cfg.loss == "sampled":
         n = core.cfg.num_items
         if log_q is None:
@@ -128,6 +129,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         resume = session.latest_checkpoint(scratch) or (Path(cfg.resume_from) if cfg.resume_from else None)
         if resume is not None:
             check_same_items(artifact.item_ids(resume), data, str(resume))
+        kernel = losses.ce_kernel(cfg.ce_kernel, session.device, cfg.label_smoothing, bool(cfg.cold_items),
+                                  cfg.bf16)
     except RaysrecError as exc:
         error = str(exc)
     errors = [e for e in session.gather(error) if e]
@@ -177,20 +180,24 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         torch.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + session.rank)
         generator.manual_seed(cfg.seed * 7919 + epoch * 31 + session.rank)
         model.train()
-        loss_sum, n_batches, n_examples = 0.0, 0, 0
+        # Summed on the device: reading a GPU scalar each step would make the host wait for every step.
+        loss_sum = torch.zeros((), device=device)
+        n_examples = torch.zeros((), dtype=torch.long, device=device)
+        n_batches = 0
         for batch in iterate_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
                                      world_size=world, num_steps=steps, num_items=data.num_items,
                                      num_negatives=1 if cfg.loss == "bce" else 0, device=device):
             with autocast(device, cfg.bf16):
-                loss = compute_loss(model, batch, cfg, log_q, generator, excluded)
+                loss = compute_loss(model, batch, cfg, log_q, generator, excluded, kernel)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().float()
             n_batches += 1
-            n_examples += int((batch["target_ids"] > 0).sum())
+            n_examples += (batch["target_ids"] > 0).sum()
+        loss_sum, n_examples = float(loss_sum), int(n_examples)     # waits for the epoch's last step
         train_seconds = time.perf_counter() - started
         valid_sums = evaluate(unwrap(model), valid_ex, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=device,
                               bf16=cfg.bf16, rank=rank, world_size=world, chunk_items=cfg.eval_chunk_items)

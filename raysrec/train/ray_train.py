@@ -151,13 +151,22 @@ def train_func(config: dict[str, Any]) -> None:
     train_loop(cfg, RaySession(config.get("user_error_file")))
 
 
+def process_group_backend(cfg: TrainConfig) -> str:
+    """NCCL for GPU workers, each on a GPU of its own; gloo on CPU and where GPU workers share a GPU
+    (``gpus_per_worker < 1``): NCCL refuses two ranks on one device ("Duplicate GPU detected"), seen on an
+    H100 with 2 workers at 0.5. Gloo all-reduces CUDA tensors through host memory: slower, but it runs."""
+    if cfg.use_gpu and (cfg.gpus_per_worker >= 1 or cfg.num_workers == 1):
+        return "nccl"
+    return "gloo"
+
+
 def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks: Optional[list] = None):
     """A ``TorchTrainer`` for ``cfg``: scaling, failure handling and best-checkpoint retention.
 
     ``callbacks`` are Train ``UserCallback``s, e.g. ``TuneReportCallback`` when a Tune trial runs it.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
-    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+    from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
 
     from raysrec.files import filesystem  # noqa: PLC0415
 
@@ -169,6 +178,7 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks:
         resources["GPU"] = cfg.gpus_per_worker
     return TorchTrainer(
         train_func,
+        torch_config=TorchConfig(backend=process_group_backend(cfg)),
         train_loop_config={"train_config": cfg.to_dict(),
                            "user_error_file": user_error_location(storage_path, run_name)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),

@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from raysrec import artifact
+from raysrec.errors import ConfigError
 from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
 
@@ -49,7 +52,9 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
             return artifact.write_model(out, folder, cfg.data, source=source, history=history,
                                         train_seconds=train_seconds, scores=scores)
     with tempfile.TemporaryDirectory(prefix="raysrec-best-") as best_dir:
-        session = LocalSession(Path(best_dir) / "best")
+        if cfg.use_gpu and not torch.cuda.is_available():
+            raise ConfigError("train.use_gpu is set but this machine has no CUDA device")
+        session = LocalSession(Path(best_dir) / "best", device="cuda" if cfg.use_gpu else "cpu")
         train_loop(cfg, session)
         return artifact.write_model(out, session.best_dir, cfg.data, source=source, history=session.history,
                                     train_seconds=time.time() - started, device=session.device.type)

@@ -116,3 +116,16 @@ def test_training_runs_with_the_new_losses(options, synth_prepared, tmp_path):
     losses_seen = [m["train_loss"] for m in session.history]
     assert all(torch.isfinite(torch.tensor(losses_seen))) and losses_seen[1] < losses_seen[0]
     assert session.history[-1]["valid_hr@10"] > 0.1          # random is 10/200
+
+
+def test_the_fused_ce_kernel_is_refused_off_gpu_in_one_line():
+    """cce (the gpu extra) runs on CUDA only; asking for it elsewhere is a user error, not a crash."""
+    from raysrec.errors import ConfigError
+    from raysrec.models import losses
+    from raysrec.train.config import TrainConfig
+
+    assert losses.ce_kernel("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ConfigError, match="CUDA"):
+        losses.ce_kernel("cce", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="ce_kernel cce needs use_gpu"):
+        TrainConfig(ce_kernel="cce").validate()
