@@ -70,11 +70,13 @@ async def closed_loop(url: str, ids: list[Any], concurrency: int, total: int, se
 
 
 def start(url: str, ids: list[Any], concurrency: int, total: int, seconds: float, seed: int = 0,
-          path: str = "/recommend") -> subprocess.Popen:
-    """Start the generator in its own Python process; :func:`result` waits for its summary."""
+          path: str = "/recommend", cpus: str | None = None) -> subprocess.Popen:
+    """Start the generator in its own Python process (pinned to ``cpus``, e.g. ``"1"``, with taskset when
+    given); :func:`result` waits for its summary."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ids, f)
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), url, f.name, str(concurrency),
+    pin = ["taskset", "-c", cpus] if cpus else []
+    proc = subprocess.Popen(pin + [sys.executable, str(Path(__file__).resolve()), url, f.name, str(concurrency),
                              str(total), str(seconds), str(seed), path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     proc.ids_file = f.name  # type: ignore[attr-defined]
@@ -90,8 +92,8 @@ def result(proc: subprocess.Popen, timeout: float | None = None) -> dict[str, An
 
 
 def run(url: str, ids: list[Any], concurrency: int, total: int, seconds: float, seed: int = 0,
-        path: str = "/recommend") -> dict[str, Any]:
-    return result(start(url, ids, concurrency, total, seconds, seed, path))
+        path: str = "/recommend", cpus: str | None = None) -> dict[str, Any]:
+    return result(start(url, ids, concurrency, total, seconds, seed, path, cpus))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ TUNE_OPTIONS = [
     "train.cpus_per_worker", "train.gpus_per_worker", "train.use_gpu"]
 SERVE_OPTIONS = [
     "model_dir:--model,-m", "host", "port", "num_replicas:--num-replicas,--replicas", "device", "batching",
-    "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "torch_threads"]
+    "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "torch_threads", "ingress", "throughput_optimized"]
 PIPELINE_OPTIONS = ["output:--output,-o", "storage_path", "stage", "deploy"]
 
 
@@ -168,8 +168,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ensure_ray(num_cpus=args.num_cpus)
     run_pipeline(cfg)
     if args.keep_serving:
-        print(f"serving on http://127.0.0.1:{args.port} until Ctrl-C")
-        _serve_until_interrupted()
+        print(f"serving on http://127.0.0.1:{args.port} until Ctrl-C or SIGTERM")
+        _serve_until_stopped("demo")
     return 0
 
 
@@ -203,12 +203,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
 
     cfg = _config_from_args(PipelineConfig, args)
-    ensure_ray(num_cpus=args.num_cpus)
+    ensure_ray(num_cpus=args.num_cpus, serve_env=cfg.serve.ray_serve_env())
     summary = run_pipeline(cfg)
     print(json.dumps({"seconds": summary["seconds"], "endpoint": summary.get("endpoint")}, indent=2))
     if args.keep_serving and cfg.deploy:
-        print(f"serving on {summary['endpoint']} until Ctrl-C")
-        _serve_until_interrupted()
+        print(f"serving on {summary['endpoint']} until Ctrl-C or SIGTERM")
+        _serve_until_stopped(cfg.serve.app_name)
     return 0
 
 
@@ -246,27 +246,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(ServeConfig, args)
     cfg = cfg.replace(model_dir=artifact.locate(cfg.model_dir))  # fail fast (no download); absolute for the replicas
-    ensure_ray(num_cpus=args.num_cpus)
+    ensure_ray(num_cpus=args.num_cpus, serve_env=cfg.ray_serve_env())
     run(cfg)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
     print(f"serving {cfg.model_dir} at {url}  (POST /recommend, POST /score, GET /model, GET /healthz)")
     print(f"try: curl -s {url}/recommend -H 'content-type: application/json' -d '{{\"history\": [], \"k\": 5}}'")
     if not args.detach:
-        _serve_until_interrupted()
+        _serve_until_stopped(cfg.app_name)
     return 0
 
 
-def _serve_until_interrupted() -> None:
-    """Keep this driver (and so a local Ray's Serve) alive until Ctrl-C, then shut Serve down."""
-    import time  # noqa: PLC0415
+def _serve_until_stopped(app_name: str) -> None:
+    from raysrec.serving.app import serve_until_stopped  # noqa: PLC0415
 
-    from ray import serve  # noqa: PLC0415
-
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    serve_until_stopped(app_name)
 
 
 def _num_cpus(p: argparse.ArgumentParser) -> None:

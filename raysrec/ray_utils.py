@@ -14,7 +14,7 @@ def dashboard_url() -> Optional[str]:
     return f"http://{_DASHBOARD}" if _DASHBOARD and not _DASHBOARD.startswith("http") else _DASHBOARD
 
 
-def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True) -> None:
+def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True, serve_env: Optional[dict[str, str]] = None) -> None:
     """``ray.init`` once: joins ``RAY_ADDRESS`` (set by ``ray job submit``) or starts local mode.
 
     Worker output reaches the driver (per-epoch lines of Ray Train workers); ``quiet`` only
@@ -27,6 +27,16 @@ def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True) -> None:
     kwargs = {}
     if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray is started here, so Serve's ingress flags are ours to set (the serving defaults unless the
+        # caller passes its own, or the user's environment already names them). A cluster has its own.
+        from raysrec.serving.config import ServeConfig  # noqa: PLC0415
+
+        for key, value in (serve_env or ServeConfig().ray_serve_env()).items():
+            if serve_env is not None:
+                os.environ[key] = value
+            else:
+                os.environ.setdefault(key, value)
     global _DASHBOARD
     context = ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True, **kwargs)
     _DASHBOARD = getattr(context, "dashboard_url", None) or None

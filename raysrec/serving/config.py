@@ -16,6 +16,14 @@ class ServeConfig(Config):
     host: str = option("127.0.0.1", 'bind address (loopback by default)')
     port: int = option(8000, 'HTTP port')
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"  # HeadOnly: several nodes on one host
+    # How HTTP reaches the replicas, and Serve's request path; both are read when Serve starts (Ray's
+    # RAY_SERVE_* environment, see ray_serve_env): `raysrec serve` on its own local Ray applies them, a
+    # cluster gets them in its nodes' environment. Figures in the README (bench/serve_load.py).
+    ingress: Literal["haproxy", "proxy"] = option(
+        "haproxy", "haproxy: HAProxy (C) in front of each replica's own HTTP port (Ray binds those ports on all "
+                   "interfaces); proxy: Serve's Python HTTP proxy, 5x fewer QPS here")
+    throughput_optimized: bool = option(True, "Serve's throughput-optimised request path (user code on the "
+                                              "replica's event loop, buffered logs)")
     app_name: str = "raysrec"
     route_prefix: str = "/"
     num_replicas: int = option(1, 'replicas')
@@ -23,7 +31,7 @@ class ServeConfig(Config):
     num_cpus: float = 1.0                            # per replica
     torch_threads: int = option(1, 'torch threads per replica')
     device: Literal["cpu", "cuda"] = option("cpu", 'where replicas run the model')
-    batching: bool = option(True, 'micro-batch concurrent requests (@serve.batch)')
+    batching: bool = option(True, 'micro-batch concurrent requests')
     max_batch_size: int = option(64, 'requests per batch at most')
     batch_wait_timeout_s: float = option(0.002, 'how long a batch waits to fill')
     max_ongoing_requests: Optional[int] = option(None, 'per replica (default 2 x max_batch_size)')
@@ -40,6 +48,13 @@ class ServeConfig(Config):
         if self.max_ongoing_requests is not None:
             check(self.max_ongoing_requests >= self.max_batch_size,
                   "serve.max_ongoing_requests must be >= serve.max_batch_size, or batches can never fill")
+
+    def ray_serve_env(self) -> dict[str, str]:
+        """The RAY_SERVE_* environment a Ray must start with for ``ingress`` and ``throughput_optimized``."""
+        haproxy = self.ingress == "haproxy"
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0",
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if haproxy else "0",
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0"}
 
     @property
     def ongoing(self) -> int:

@@ -161,7 +161,7 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
 @given(body=st.dictionaries(st.sampled_from(["history", "k", "exclude", "exclude_seen", "timestamps", "now",
                                              "candidates", "extra"]), JSONISH, max_size=5))
 def test_request_models_accept_or_refuse_any_json_with_a_validation_error(body):
-    from raysrec.serving.app import RecommendRequest, ScoreRequest
+    from raysrec.serving.http import RecommendRequest, ScoreRequest
 
     for model in (RecommendRequest, ScoreRequest):
         try:

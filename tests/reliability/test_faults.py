@@ -165,3 +165,74 @@ def test_killed_serve_replica_under_load_fails_at_most_one_percent(tmp_path, ray
     assert figures["sent"] == figures["ok"] + figures["failed"] and figures["ok"] > 100
     assert figures["failed_fraction"] <= 0.01, figures
     assert figures["recovered_after_s"] is not None, "Serve did not replace the killed replica"
+
+
+def _tiny_checkpoint(root: Path) -> Path:
+    import numpy as np
+
+    from raysrec import artifact
+    from raysrec.models.sequential import build_model
+
+    cfg = ModelConfig(num_items=50, hidden_dim=16, num_heads=2, num_layers=1, max_length=10)
+    items = pd.DataFrame({"item_index": np.arange(1, 51, dtype=np.int32), "item_id": [f"it{i}" for i in range(1, 51)],
+                          "count": np.arange(50, 0, -1, dtype=np.int64)})
+    items.to_parquet(root / "items.parquet", index=False)
+    artifact.save_checkpoint(root / "checkpoint", build_model(cfg), TrainConfig(model=cfg), {"epoch": 1},
+                             items_file=root / "items.parquet")
+    return root / "checkpoint"
+
+
+@pytest.mark.parametrize("ingress", ["haproxy", "proxy"])
+def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ingress):
+    """`raysrec serve` stopped as Kubernetes/systemd/`timeout` stop it: the requests it holds are answered,
+    then it exits 0 (Ray's own SIGTERM handler would abort them)."""
+    import socket
+
+    import requests
+
+    model = _tiny_checkpoint(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    # a 2 s batching window: the requests below are still in the replica when SIGTERM comes
+    proc = subprocess.Popen([sys.executable, "-m", "raysrec.cli", "serve", "--model", str(model), "--port", str(port),
+                             "--batch-wait-timeout-s", "2.0", "--num-cpus", "2", "--ingress", ingress], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if requests.get(f"{url}/livez", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "raysrec serve did not come up"
+            time.sleep(0.5)
+        answers: list = []
+
+        def ask() -> None:
+            try:
+                r = requests.post(f"{url}/recommend", json={"history": ["it1", "it2"], "k": 5}, timeout=60)
+                answers.append((r.status_code, len(r.json().get("items", []))))
+            except Exception as exc:  # noqa: BLE001  (a failed in-flight request is what this test looks for)
+                answers.append(repr(exc))
+
+        clients = [threading.Thread(target=ask) for _ in range(8)]
+        for c in clients:
+            c.start()
+        time.sleep(0.7)
+        assert answers == [], "the requests were answered before SIGTERM: the test would prove nothing"
+        proc.send_signal(signal.SIGTERM)
+        for c in clients:
+            c.join(90)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert answers == [(200, 5)] * 8, answers
+    assert proc.returncode == 0, output[-3000:]
+    assert "SIGTERM: no new requests" in output and "stopped" in output
+    assert "Aborted" not in output and "SIGTERM received" not in output, output[-3000:]
