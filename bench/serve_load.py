@@ -17,6 +17,8 @@ Configurations (``--configs``; batching on in all, same max_batch_size and wait)
 * ``to-proxy`` / ``to-direct`` / ``to-haproxy``: the same with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (user code
   on the replica's main loop, in-loop router, buffered logs, gRPC between deployments, GC frozen at start).
 
+Every Serve configuration starts its Ray with ``RAY_worker_niceness=0``, as `raysrec serve` does.
+
 Cores: ``--server-cores`` pins the server side (Ray and everything it starts, or uvicorn) with
 ``sched_setaffinity``; ``--loadgen-cores`` pins the load generator with ``taskset``. Give them disjoint
 cores to keep the client's CPU time out of the server's.
@@ -51,7 +53,13 @@ CONFIGS: dict[str, dict[str, str]] = {
     "to-direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "to-haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
-SERVE_FLAGS = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED")
+SERVE_FLAGS = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+               "RAY_worker_niceness")
+# Every Serve configuration runs its actors at nice 0, as `raysrec serve` does (ServeConfig.ray_serve_env): at
+# Ray's default of 15 a replica sharing a core with HAProxy (nice 0) waits whenever HAProxy has work.
+for _name, _env in CONFIGS.items():
+    if _name != "fastapi":
+        _env.setdefault("RAY_worker_niceness", "0")
 
 
 # ------------------------------------------------------------------ setup

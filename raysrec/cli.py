@@ -75,7 +75,9 @@ TRAIN_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
     "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
     "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "cold_items", "resume_from",
-    "storage_path", "verbose"]
+    "init_from", "storage_path", "verbose"]
+RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
+                     "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
 EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]
 TUNE_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "space", "num_samples", "max_concurrent", "epochs", "grace_period", "seed",
@@ -124,6 +126,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from raysrec.evaluation import check_same_items  # noqa: PLC0415
 
         check_same_items(artifact.item_ids(artifact.resolve(cfg.resume_from).checkpoint), data, cfg.resume_from)
+    if cfg.init_from:                    # and a warm-start model that is not there
+        from raysrec import artifact  # noqa: PLC0415
+
+        cfg = cfg.replace(init_from=artifact.locate(cfg.init_from))
     if not args.no_ray:
         ensure_ray(num_cpus=args.num_cpus)
     metrics = fit(cfg, use_ray=not args.no_ray)
@@ -146,6 +152,16 @@ def _cmd_embed_items(args: argparse.Namespace) -> int:
     print(json.dumps(entry, indent=2))
     print(f"text vectors stored in {os.path.abspath(cfg.data)}/items.parquet (column text_vector); "
           f"train with --use-text")
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from raysrec.serving.batch import OUTPUT_DIR, RecommendConfig, recommend  # noqa: PLC0415
+
+    cfg = _config_from_args(RecommendConfig, args)
+    summary = recommend(cfg, num_cpus=args.num_cpus)
+    print(json.dumps(summary, indent=2))
+    print(f"recommendations: {cfg.output.rstrip('/')}/{OUTPUT_DIR}/*.parquet (user_id, item_ids, scores, fallback)")
     return 0
 
 
@@ -203,7 +219,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
 
     cfg = _config_from_args(PipelineConfig, args)
-    ensure_ray(num_cpus=args.num_cpus, serve_env=cfg.serve.ray_serve_env())
+    # the pipeline's Ray also trains: its workers keep Ray's niceness (only `raysrec serve` lowers it)
+    ensure_ray(num_cpus=args.num_cpus, serve_env={k: v for k, v in cfg.serve.ray_serve_env().items()
+                                                  if k.startswith("RAY_SERVE_")})
     summary = run_pipeline(cfg)
     print(json.dumps({"seconds": summary["seconds"], "endpoint": summary.get("endpoint")}, indent=2))
     if args.keep_serving and cfg.deploy:
@@ -270,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     from raysrec.data.pipeline import PrepareConfig  # noqa: PLC0415
     from raysrec.data.synth import SynthConfig  # noqa: PLC0415
     from raysrec.pipeline import PipelineConfig  # noqa: PLC0415
+    from raysrec.serving.batch import RecommendConfig  # noqa: PLC0415
     from raysrec.serving.config import ServeConfig  # noqa: PLC0415
     from raysrec.text.embed import EmbedConfig  # noqa: PLC0415
     from raysrec.train.config import TrainConfig  # noqa: PLC0415
@@ -304,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", choices=["all", "cold"], default="all",
                    help="cold (with --targets cold): rank the target among the held-out items only")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-k for every user, offline (Ray Data batch inference) -> Parquet")
+    add_config_options(p, RecommendConfig, RECOMMEND_OPTIONS)
+    _num_cpus(p)
+    p.set_defaults(func=_cmd_recommend)
 
     p = sub.add_parser("embed-items", help="encode item text with a language model (Ray Data actor pool)")
     add_config_options(p, EmbedConfig, EMBED_OPTIONS)

@@ -32,10 +32,12 @@ def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True, serve_env: Op
         # caller passes its own, or the user's environment already names them). A cluster has its own.
         from raysrec.serving.config import ServeConfig  # noqa: PLC0415
 
+        # Only `raysrec serve`/`pipeline` (serve_env given) lower the workers' niceness; other stages keep
+        # Ray's default, so training workers never compete with Ray's own processes.
         for key, value in (serve_env or ServeConfig().ray_serve_env()).items():
             if serve_env is not None:
                 os.environ[key] = value
-            else:
+            elif key.startswith("RAY_SERVE_"):
                 os.environ.setdefault(key, value)
     global _DASHBOARD
     context = ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True, **kwargs)

@@ -50,11 +50,14 @@ class ServeConfig(Config):
                   "serve.max_ongoing_requests must be >= serve.max_batch_size, or batches can never fill")
 
     def ray_serve_env(self) -> dict[str, str]:
-        """The RAY_SERVE_* environment a Ray must start with for ``ingress`` and ``throughput_optimized``."""
+        """The environment a Ray must start with for ``ingress`` and ``throughput_optimized``. Its actors also run
+        at nice 0, not Ray's default 15: a replica sharing a core with HAProxy (nice 0) otherwise waits whenever
+        HAProxy has work (1,152-1,307 -> 1,501 QPS at concurrency 64 on one core, bench/serve_load.py)."""
         haproxy = self.ingress == "haproxy"
         return {"RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0",
                 "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1" if haproxy else "0",
-                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0"}
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if self.throughput_optimized else "0",
+                "RAY_worker_niceness": "0"}
 
     @property
     def ongoing(self) -> int:

@@ -57,6 +57,8 @@ class TrainConfig(Config):
     max_failures: int = 3
     storage_path: Optional[str] = option(None, 'Ray Train storage: a folder every node sees or a URI (s3://...)')
     resume_from: Optional[str] = option(None, 'a checkpoint folder to continue from')
+    init_from: Optional[str] = option(None, 'warm start: a model trained on an older log (same architecture); '
+                                            'known items keep their rows, new items start fresh')
     verbose: bool = option(False, "also print Ray Train's per-report lines")
 
     def validate(self) -> None:
@@ -73,6 +75,8 @@ class TrainConfig(Config):
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
         check(0.0 <= self.cold_items < 1.0, "train.cold_items must be in [0, 1)")
         check(self.max_failures >= 0, "train.max_failures must be >= 0")
+        check(not (self.init_from and self.resume_from), "train.init_from and train.resume_from exclude each other "
+              "(resume continues a run on the same data; init_from starts a new one)")
         check(self.ce_kernel != "cce" or (self.use_gpu and self.bf16 and not self.label_smoothing
                                           and not self.cold_items),
               "train.ce_kernel cce needs use_gpu and bf16, and works without label_smoothing and cold_items")

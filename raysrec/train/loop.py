@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from raysrec import artifact
+from raysrec.config import redact
 from raysrec.data.examples import evaluation_examples, iterate_batches, training_examples
 from raysrec.data.pipeline import ITEMS_FILE
 from raysrec.data.storage import PreparedData
@@ -28,6 +29,7 @@ from raysrec.evaluation import check_same_items, evaluate, held_out_items, summa
 from raysrec.models import losses
 from raysrec.models.sequential import SequentialRecommender, autocast, build_model
 from raysrec.train.config import VALID_METRIC, TrainConfig, improves
+from raysrec.train.warm_start import warm_start
 
 
 class Session(Protocol):
@@ -129,6 +131,12 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         resume = session.latest_checkpoint(scratch) or (Path(cfg.resume_from) if cfg.resume_from else None)
         if resume is not None:
             check_same_items(artifact.item_ids(resume), data, str(resume))
+        model, warm = build_model(cfg.model), None
+        if cfg.init_from and resume is None:      # a restarted worker resumes its own run instead
+            folder, where = artifact.fetch(cfg.init_from, scratch / "init")
+            source, _, _ = artifact.load_checkpoint(folder.checkpoint)
+            warm = warm_start(model, source, artifact.item_ids(folder.checkpoint),
+                              data.items.sort_values("item_index")["item_id"].to_numpy(), where)
         kernel = losses.ce_kernel(cfg.ce_kernel, session.device, cfg.label_smoothing, bool(cfg.cold_items),
                                   cfg.bf16)
     except RaysrecError as exc:
@@ -146,7 +154,6 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     valid_ex = evaluation_examples(seqs, max_len, "valid")
 
     device = session.device
-    model = build_model(cfg.model)
     if vectors is not None:
         model.set_text_vectors(torch.from_numpy(vectors))
     model = model.to(device)
@@ -161,6 +168,11 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     # Where every worker runs (node, host, pid, device), kept in the checkpoint state and in
     # metrics.json; a restart after a failure appends the new placement.
     state["workers"] = session.workers()
+    if warm is not None:
+        state["init_from"] = {"model": redact(cfg.init_from), **warm}
+        if session.rank == 0:
+            print(f"warm start from {redact(cfg.init_from)}: {warm['known_items']:,} items keep their learned rows, "
+                  f"{warm['new_items']:,} new, {warm['dropped_items']:,} no longer in the data", flush=True)
     model = session.wrap_model(model)
 
     log_q = None

@@ -1,0 +1,55 @@
+"""``train.init_from``: start a training run from an earlier model trained on an older log.
+
+The newer prepared data may have new items (and users; users have no parameters). Items are matched by
+their original id: a known item keeps its learned row of the item table, a new item keeps the fresh row
+the model was built with (zero when the model fuses text, so a new item starts from its text vector alone:
+the cold-start representation ``id_dropout`` trains for). Every other parameter is copied as is, so the
+architecture must match the checkpoint's; the text vectors come from the new data. The optimizer starts
+afresh. The output checkpoint's item index is the new data's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysrec.errors import ConfigError
+from raysrec.models.sequential import SequentialRecommender
+
+# Parameters and buffers with a row per item (index 0: padding), matched by original id, not copied by shape.
+ITEM_TABLES = ("item_emb.weight",)
+FROM_DATA = ("text_vectors",)          # the new data's, set by the training loop
+
+
+def warm_start(model: SequentialRecommender, source: SequentialRecommender, source_ids: np.ndarray,
+               target_ids: np.ndarray, where: str) -> dict[str, Any]:
+    """Copy ``source``'s parameters into ``model`` (in place); ``*_ids[i - 1]`` is the original id of item
+    index ``i`` in each. Returns how many items were carried over, new, and left behind."""
+    src, dst = source.state_dict(), model.state_dict()
+    if set(src) != set(dst):
+        diff = sorted(set(src) ^ set(dst))
+        raise ConfigError(f"{where}: train.init_from needs the same architecture; parameters differ: "
+                          f"{', '.join(diff[:5])}")
+    for name, value in src.items():
+        if name in ITEM_TABLES or name in FROM_DATA:
+            continue
+        if value.shape != dst[name].shape:
+            raise ConfigError(f"{where}: train.init_from needs the same architecture; {name} is "
+                              f"{tuple(value.shape)} there and {tuple(dst[name].shape)} here")
+    position = {v: i + 1 for i, v in enumerate(source_ids.tolist())}
+    old = np.array([position.get(v, 0) for v in target_ids.tolist()], dtype=np.int64)   # 0: a new item
+    known = np.flatnonzero(old) + 1                                                     # new indices
+    with torch.no_grad():
+        for name, value in src.items():
+            if name in FROM_DATA:
+                continue
+            if name in ITEM_TABLES:
+                rows = torch.from_numpy(known)
+                dst[name][rows] = value[torch.from_numpy(old[known - 1])].to(dst[name].dtype)
+            else:
+                dst[name].copy_(value)
+    model.load_state_dict(dst)
+    return {"known_items": int(len(known)), "new_items": int(len(target_ids) - len(known)),
+            "dropped_items": int(len(source_ids) - len(known))}
