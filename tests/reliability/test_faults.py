@@ -207,7 +207,7 @@ def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ing
             try:
                 if requests.get(f"{url}/livez", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:   # not listening yet, or a proxy with no route yet
                 pass
             assert proc.poll() is None and time.time() < deadline, "raysrec serve did not come up"
             time.sleep(0.5)
