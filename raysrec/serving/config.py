@@ -19,11 +19,12 @@ class ServeConfig(Config):
     # How HTTP reaches the replicas, and Serve's request path; both are read when Serve starts (Ray's
     # RAY_SERVE_* environment, see ray_serve_env): `raysrec serve` on its own local Ray applies them, a
     # cluster gets them in its nodes' environment. Figures in the README (bench/serve_load.py).
-    ingress: Literal["haproxy", "proxy"] = option(
-        "haproxy", "haproxy: HAProxy (C) in front of each replica's own HTTP port (Ray binds those ports on all "
-                   "interfaces); proxy: Serve's Python HTTP proxy, 5x fewer QPS here")
-    throughput_optimized: bool = option(True, "Serve's throughput-optimised request path (user code on the "
-                                              "replica's event loop, buffered logs)")
+    ingress: Literal["proxy", "haproxy"] = option(
+        "proxy", "proxy: Serve's Python HTTP proxy; haproxy: HAProxy (C) in front of each replica's own HTTP port, "
+                 "4.5-5.5x the QPS here, for a host or pod that runs one Serve (it binds fixed ports 8404/9101 and "
+                 "the replicas' ports on all interfaces)")
+    throughput_optimized: bool = option(False, "Serve's throughput-optimised request path (user code on the "
+                                               "replica's event loop, buffered logs); pays off with haproxy")
     app_name: str = "raysrec"
     route_prefix: str = "/"
     num_replicas: int = option(1, 'replicas')

@@ -57,10 +57,10 @@ def test_a_failing_batch_fails_each_of_its_callers_and_the_next_batch_runs():
 
 
 def test_ingress_settings_become_the_ray_serve_environment():
-    assert ServeConfig(model_dir="m").ray_serve_env() == {
+    assert ServeConfig(model_dir="m", ingress="haproxy", throughput_optimized=True).ray_serve_env() == {
         "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_worker_niceness": "0"}
-    assert ServeConfig(model_dir="m", ingress="proxy", throughput_optimized=False).ray_serve_env() == {
+    assert ServeConfig(model_dir="m").ray_serve_env() == {
         "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
         "RAY_worker_niceness": "0"}
     with pytest.raises(Exception, match="ingress"):
