@@ -211,7 +211,7 @@ def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[i
 
 def check_same_items(checkpoint_items: np.ndarray, data: PreparedData, where: str) -> None:
     """The checkpoint's item index (original ids in index order) must be the data's, id for id."""
-    data_items = data.items.sort_values("item_index")["item_id"].to_numpy()
+    data_items = data.item_ids()
     if len(checkpoint_items) != len(data_items) or not np.array_equal(
             checkpoint_items.astype(str), data_items.astype(str)):
         differ = next((i for i, (a, b) in enumerate(zip(checkpoint_items, data_items)) if str(a) != str(b)),

@@ -27,18 +27,10 @@ def ensure_ray(num_cpus: Optional[int] = None, quiet: bool = True, serve_env: Op
     kwargs = {}
     if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = num_cpus
-    if not os.environ.get("RAY_ADDRESS"):
-        # A local Ray is started here, so Serve's ingress flags are ours to set (the serving defaults unless the
-        # caller passes its own, or the user's environment already names them). A cluster has its own.
-        from raysrec.serving.config import ServeConfig  # noqa: PLC0415
-
-        # Only `raysrec serve`/`pipeline` (serve_env given) lower the workers' niceness; other stages keep
-        # Ray's default, so training workers never compete with Ray's own processes.
-        for key, value in (serve_env or ServeConfig().ray_serve_env()).items():
-            if serve_env is not None:
-                os.environ[key] = value
-            elif key.startswith("RAY_SERVE_"):
-                os.environ.setdefault(key, value)
+    if serve_env is not None and not os.environ.get("RAY_ADDRESS"):
+        # A local Ray is started here, so Serve's ingress flags (`raysrec serve`/`pipeline`) are ours to set;
+        # a cluster has its own. Without them Ray keeps its defaults.
+        os.environ.update(serve_env)
     global _DASHBOARD
     context = ray.init(logging_level=logging.WARNING if quiet else logging.INFO, log_to_driver=True, **kwargs)
     _DASHBOARD = getattr(context, "dashboard_url", None) or None

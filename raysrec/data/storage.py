@@ -118,6 +118,11 @@ class PreparedData:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise InputError(f"unreadable sequence shard ({first}); prepare the data again", path=file) from None
 
+    def item_ids(self) -> np.ndarray:
+        """Original item ids in index order: ``item_ids()[i - 1]`` is the id of item index ``i`` (as
+        :func:`raysrec.artifact.item_ids` for a checkpoint)."""
+        return self.items.sort_values("item_index")["item_id"].to_numpy()
+
     def item_popularity(self) -> np.ndarray:
         """Interaction count per item index (index 0, padding, gets 0)."""
         counts = np.zeros(self.num_items + 1, np.int64)

@@ -122,8 +122,7 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
         files = data.shard_files()
         fs, _ = filesystem(cfg.data)
         columns = ["user_id", "sequence"] + (["timestamps"] if data.has_timestamps else [])
-        item_ids = np.empty(data.num_items + 1, dtype=object)
-        item_ids[data.items["item_index"].to_numpy()] = data.items["item_id"].to_numpy()
+        item_ids = np.concatenate([[None], data.item_ids()]).astype(object)     # index 0: padding
     else:
         fs, root = filesystem(cfg.histories)
         info = fs.get_file_info(root)

@@ -136,7 +136,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
             folder, where = artifact.fetch(cfg.init_from, scratch / "init")
             source, _, _ = artifact.load_checkpoint(folder.checkpoint)
             warm = warm_start(model, source, artifact.item_ids(folder.checkpoint),
-                              data.items.sort_values("item_index")["item_id"].to_numpy(), where)
+                              data.item_ids(), where)
         kernel = losses.ce_kernel(cfg.ce_kernel, session.device, cfg.label_smoothing, bool(cfg.cold_items),
                                   cfg.bf16)
     except RaysrecError as exc:
