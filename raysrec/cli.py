@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from types import UnionType
@@ -70,12 +71,13 @@ PREPARE_OPTIONS = [
     "source.path:--input,-i", "output:--output,-o", "source.format", "source.items_path:--items", "source.user_col",
     "source.item_col", "source.time_col", "source.rating_col", "source.sep", "source.encoding", "source.id_type",
     "source.on_bad_row", "min_rating", "item_k_core", "user_k_core", "min_sequence_length", "max_sequence_length",
+    "split.protocol:--split", "split.valid_time", "split.test_time", "split.valid_quantile", "split.test_quantile",
     "num_shards", "overwrite"]
 TRAIN_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
     "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
     "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "cold_items", "resume_from",
-    "init_from", "storage_path", "verbose"]
+    "init_from", "init_optimizer", "storage_path", "verbose"]
 RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
                      "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
 EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]
@@ -107,7 +109,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     ensure_ray(num_cpus=args.num_cpus)
     manifest = prepare(cfg)
     summary = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items",
-                                         "sequence_length", "seconds")}
+                                         "sequence_length", "splits", "seconds")}
     print(json.dumps(summary, indent=2))
     print(f"prepared data written to {os.path.abspath(cfg.output)}")
     return 0
@@ -274,6 +276,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    """Deploy onto the Serve of a running cluster, replacing the app's model: a rolling update."""
+    import ray  # noqa: PLC0415
+    from ray import serve  # noqa: PLC0415
+
+    from raysrec import artifact  # noqa: PLC0415
+    from raysrec.errors import InputError  # noqa: PLC0415
+    from raysrec.serving.app import run  # noqa: PLC0415
+    from raysrec.serving.config import ServeConfig  # noqa: PLC0415
+
+    cfg = _config_from_args(ServeConfig, args)
+    cfg = cfg.replace(model_dir=artifact.locate(cfg.model_dir))
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"no running Ray cluster at {address!r} to deploy to ({first}); start one with "
+                         "`ray start --head`, or serve locally with `raysrec serve`") from None
+    running = serve.status().applications.get(cfg.app_name)
+    print(f"{'updating' if running else 'creating'} app {cfg.app_name!r}: {cfg.model_dir}", flush=True)
+    run(cfg)      # new replicas start and pass their health check before the old ones drain and stop
+    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    print(f"deployed: {url}/model names the version now serving")
+    return 0
+
+
 def _serve_until_stopped(app_name: str) -> None:
     from raysrec.serving.app import serve_until_stopped  # noqa: PLC0415
 
@@ -345,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="deploy and return (on a running cluster)")
     _num_cpus(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("deploy", help="deploy or replace the model of a running cluster's Serve app (rolling, "
+                                      "no request dropped)")
+    add_config_options(p, ServeConfig, SERVE_OPTIONS)
+    p.add_argument("--address", help="the Ray cluster (default: RAY_ADDRESS, else the local one: auto)")
+    p.set_defaults(func=_cmd_deploy)
 
     p = sub.add_parser("pipeline", help="prepare -> train or tune -> export best -> deploy -> smoke query, one config")
     add_config_options(p, PipelineConfig, PIPELINE_OPTIONS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import json
 import re
 import types
@@ -78,6 +79,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (datetime.date, datetime.datetime)):   # YAML reads an unquoted 2024-01-31 as a date
+            return value.isoformat()
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
 

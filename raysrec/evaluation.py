@@ -166,15 +166,16 @@ def held_out_items(num_items: int, share: float, seed: int) -> np.ndarray:
 
 def without_items(seqs: SequenceSet, drop: np.ndarray) -> SequenceSet:
     """``seqs`` with the items marked in ``drop`` removed from every history, the held-out valid and
-    test items (each user's last two) kept: as if those items had not existed before the split."""
+    test targets kept: as if those items had not existed before the split."""
     keep = ~drop[seqs.items]
-    ends = seqs.offsets[1:]
-    keep[ends - 1] = True
-    keep[ends - 2] = True
+    pos = seqs.positions()
+    for at in (pos.valid_at, pos.test_at):
+        has = at >= 0
+        keep[seqs.offsets[:-1][has] + at[has]] = True
     counts = np.add.reduceat(keep.astype(np.int64), seqs.offsets[:-1]) if len(seqs) else np.zeros(0, np.int64)
     counts[seqs.lengths == 0] = 0
     return SequenceSet(seqs.user_index.copy(), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                       seqs.items[keep], seqs.times[keep])
+                       seqs.items[keep], seqs.times[keep], seqs.split)
 
 
 # ---------------------------------------------------------------- a model over examples

@@ -8,12 +8,16 @@ each other are derived from ``output`` unless the file sets them::
     <output>/model/       raysrec train   (stage: train)
     <output>/tune/        raysrec tune    (stage: tune)
     <output>/best/        the exported winner, a model folder (raysrec.artifact)
+    <output>/recommendations/  raysrec recommend: top-k for every user (when a ``recommend`` section is given)
     <output>/pipeline.json  what ran, how long each stage took, where the workers ran, the endpoint
 
 With ``storage_path`` (a local folder or any pyarrow filesystem URI: ``s3://``, ``gs://``,
 ``file://``) the prepared data is published there before training, so workers on every node read
 their shards from shared storage, Ray Train keeps its checkpoints there, and ``best/`` and
 ``pipeline.json`` are published there at the end.
+
+A nightly retrain is one config: ``train.init_from`` (the previous night's ``best/``) warm-starts the
+model on the newer log, and a ``recommend`` section writes everyone's top-k for the next day.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from raysrec.data.pipeline import PrepareConfig
 from raysrec.data.synth import SynthConfig
 from raysrec.errors import RaysrecError
 from raysrec.files import filesystem, join, publish
+from raysrec.serving.batch import RecommendConfig
 from raysrec.serving.config import ServeConfig
 from raysrec.text.embed import EmbedConfig
 from raysrec.train.config import TrainConfig
@@ -58,6 +63,8 @@ class PipelineConfig(Config):
     stage: Literal["train", "tune"] = option("train", 'train one config, or search (needs a tune section)')
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     tune: Optional[SearchConfig] = None   # its ``train`` (the trials' base) defaults to the section above
+    # offline top-k for every user of the prepared data with the exported model (``raysrec recommend``)
+    recommend: Optional[RecommendConfig] = None
     deploy: bool = option(True, 'deploy on Serve and send a smoke query')
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
     smoke_k: int = 5
@@ -72,6 +79,9 @@ class PipelineConfig(Config):
         derived = {"synth": {"output": f"{root}/raw"}, "prepare": {"output": f"{root}/prepared"},
                    "train": {"data": f"{root}/prepared", "output": f"{root}/model"},
                    "serve": {"model_dir": f"{root}/best"}}
+        if data.get("recommend") is not None:
+            derived["recommend"] = {"model": f"{root}/best", "data": f"{root}/prepared",
+                                    "output": f"{root}/recommendations"}
         if data.get("embed") is not None or _uses_text(data):
             derived["embed"] = {"data": f"{root}/prepared"}
         if data.get("tune") is not None or data.get("stage") == "tune":
@@ -150,7 +160,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     summary: dict[str, Any] = {"output": str(root), "storage_path": redact(cfg.storage_path or "") or None,
                                "stage": cfg.stage,
                                "seconds": {}}
-    steps = 5 if cfg.deploy else 3
+    steps = (5 if cfg.deploy else 3) + (cfg.recommend is not None)
     started = time.time()
 
     def step(n: int, text: str) -> float:
@@ -218,19 +228,32 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
         summary["best_published"] = redact(publish(best, _storage(cfg, "best")))
     log(f"      {best}" + (f" -> {summary['best_published']}" if cfg.storage_path else ""))
     summary["seconds"]["export"] = round(time.time() - t, 1)
+    n = 3
 
-    # 4-5. deploy and smoke-query
+    # offline top-k for every user
+    if cfg.recommend is not None:
+        from raysrec.serving.batch import recommend  # noqa: PLC0415
+
+        n += 1
+        rec_cfg = cfg.recommend.replace(model=_storage(cfg, "best") or cfg.recommend.model, data=data_location)
+        t = step(n, f"recommend: top-{rec_cfg.k} for every user (Ray Data) -> {rec_cfg.output}")
+        done = recommend(rec_cfg)
+        summary["recommend"] = {"output": redact(rec_cfg.output), **{k: done[k] for k in ("rows", "users_per_second")}}
+        log(f"      {done['rows']:,} users, {done['users_per_second']:,.0f} users/s -> {rec_cfg.output}")
+        summary["seconds"]["recommend"] = round(time.time() - t, 1)
+
+    # deploy and smoke-query
     if cfg.deploy:
         from raysrec.serving.app import run  # noqa: PLC0415
 
         # with a storage path the replicas load the published copy, wherever they run
         serve_cfg = cfg.serve.replace(model_dir=_storage(cfg, "best") or str(best))
         url = f"http://{serve_cfg.host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"
-        t = step(4, f"deploy on Ray Serve at {url}")
+        t = step(n + 1, f"deploy on Ray Serve at {url}")
         run(serve_cfg)
         summary["endpoint"] = url
         summary["seconds"]["deploy"] = round(time.time() - t, 1)
-        t = step(5, "smoke query")
+        t = step(n + 2, "smoke query")
         history = sample_history(prep.output)
         body = {"history": history, "k": cfg.smoke_k}
         try:
@@ -252,7 +275,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
         fs, path = filesystem(_storage(cfg, SUMMARY_FILE))
         with fs.open_output_stream(path) as handle:
             handle.write(json.dumps(summary, indent=2, default=str).encode())
-    log(f"\noutputs: {root}  (prepared/, {'model' if cfg.stage == 'train' else 'tune'}/, best/, {SUMMARY_FILE})"
+    log(f"\noutputs: {root}  (prepared/, {'model' if cfg.stage == 'train' else 'tune'}/, best/, "
+        f"{'recommendations/, ' if cfg.recommend is not None else ''}{SUMMARY_FILE})"
         + (f"; published to {redact(cfg.storage_path)}" if cfg.storage_path else ""))
     if cfg.stage == "train":
         log(f"training curve: {model_dir}/training_curve.png")

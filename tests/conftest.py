@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,13 @@ def s3():
     fs.create_dir("bucket")
     yield uri
     server.stop()
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short, private Ray temp dir for a subprocess's own local Ray (socket paths < 108 chars); every
+    process still using it at the end is killed."""
+    folder = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    yield folder
+    subprocess.run(["pkill", "-9", "-f", folder], check=False)
+    shutil.rmtree(folder, ignore_errors=True)

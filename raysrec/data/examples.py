@@ -58,15 +58,18 @@ def _left_pad(rows: list[np.ndarray], length: int, dtype) -> np.ndarray:
 
 
 def training_examples(seqs: SequenceSet, max_length: int, windows: Literal["last", "all"] = "all") -> Examples:
-    """Training rows from ``seq[:-2]`` (the leave-one-out train part).
+    """Training rows from each user's training events (``seq[:-2]`` under leave-one-out, the events
+    before the validation cut under a global time split).
 
     ``windows='last'`` keeps the newest ``max_length`` positions per user (the SASRec paper);
     ``'all'`` also cuts older history into further non-overlapping windows so every training
     target is used once per epoch.
     """
+    train_end = seqs.positions().train_end
     inputs, targets, in_t, tg_t, users = [], [], [], [], []
     for u in range(len(seqs)):
-        lo, hi = seqs.offsets[u], seqs.offsets[u + 1] - 2  # train part = [lo, hi)
+        lo = seqs.offsets[u]
+        hi = lo + train_end[u]    # train part = [lo, hi)
         n_targets = hi - lo - 1
         end = hi
         while n_targets > 0:
@@ -86,32 +89,36 @@ def training_examples(seqs: SequenceSet, max_length: int, windows: Literal["last
 
 
 def evaluation_examples(seqs: SequenceSet, max_length: int, split: Split) -> Examples:
-    """One row per user: the history before the held-out item, the item as the last target.
+    """One row per user with a ``split`` target: the history before the held-out item, the item as the
+    last target; the seen-item mask is that history.
 
-    ``valid``: history ``seq[:-2]``, target ``seq[-2]``; ``test``: history ``seq[:-1]`` (the
-    valid item included, as in SASRec), target ``seq[-1]``.
+    Leave-one-out: ``valid`` has history ``seq[:-2]`` and target ``seq[-2]``; ``test`` has history
+    ``seq[:-1]`` (the valid item included, as in SASRec) and target ``seq[-1]``. Global time: the
+    user's first event in the period, after everything before it.
     """
-    cut = {"valid": 2, "test": 1}[split]
-    n = len(seqs)
+    at = seqs.positions().target(split)
+    users = np.flatnonzero(at >= 0)
+    n = len(users)
     input_ids = np.zeros((n, max_length), np.int64)
     input_times = np.zeros((n, max_length), np.float64)
     target_ids = np.zeros((n, max_length), np.int64)
     target_times = np.zeros((n, max_length), np.float64)
-    hist_lengths = seqs.lengths - cut
-    for u in range(n):
-        lo, target = seqs.offsets[u], seqs.offsets[u + 1] - cut
+    hist_lengths = at[users].astype(np.int64)
+    history = np.zeros(int(hist_lengths.sum()), seqs.items.dtype)
+    h = 0
+    for r, u in enumerate(users):
+        lo = seqs.offsets[u]
+        target = lo + at[u]
         start = max(lo, target - max_length)
         k = target - start
-        input_ids[u, max_length - k:] = seqs.items[start:target]
-        input_times[u, max_length - k:] = seqs.times[start:target]
-        target_ids[u, -1] = seqs.items[target]
-        target_times[u, -1] = seqs.times[target]
-    keep = np.ones(len(seqs.items), bool)
-    ends = seqs.offsets[1:]
-    for c in range(1, cut + 1):
-        keep[ends - c] = False
-    return Examples(input_ids, target_ids, input_times, target_times, seqs.user_index.copy(),
-                    np.concatenate([[0], np.cumsum(hist_lengths)]), seqs.items[keep])
+        input_ids[r, max_length - k:] = seqs.items[start:target]
+        input_times[r, max_length - k:] = seqs.times[start:target]
+        target_ids[r, -1] = seqs.items[target]
+        target_times[r, -1] = seqs.times[target]
+        history[h:h + at[u]] = seqs.items[lo:target]
+        h += at[u]
+    return Examples(input_ids, target_ids, input_times, target_times, seqs.user_index[users].copy(),
+                    np.concatenate([[0], np.cumsum(hist_lengths)]), history)
 
 
 def sample_negatives(target_ids: torch.Tensor, num_items: int, num_negatives: int,

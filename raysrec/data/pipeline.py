@@ -40,6 +40,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import raysrec
@@ -54,6 +55,7 @@ from raysrec.data.sources import (
     read_split,
     resolve_source,
 )
+from raysrec.data.split import SplitConfig, SplitSpec
 from raysrec.errors import InputError
 from raysrec.files import Location, publish, publish_dir
 
@@ -74,16 +76,20 @@ class PrepareConfig(Config):
     min_rating: Optional[float] = option(None, 'drop interactions rated below this')
     item_k_core: int = option(0, 'keep items with at least this many interactions')
     user_k_core: int = option(0, 'keep users with at least this many interactions')
-    min_sequence_length: int = option(3, 'drop users with fewer events (leave-one-out needs 3)')
+    min_sequence_length: int = option(3, 'drop users with fewer events (leave-one-out needs 3, global_time 1)')
     max_sequence_length: Optional[int] = option(None, "keep each user's newest N events (prepare's truncation, not the model window)")
+    split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     num_shards: int = option(8, 'sequence shard files (training workers read them in parallel)')
     split_bytes: int = 32 << 20
     overwrite: bool = option(False, 'replace an existing output folder')
 
     def validate(self) -> None:
         check(bool(self.output), "prepare.output: an output folder is required")
-        check(self.min_sequence_length >= 3,
-              "prepare.min_sequence_length must be >= 3 (leave-one-out needs a train item, a valid and a test target)")
+        if self.split.protocol == "leave_one_out":
+            check(self.min_sequence_length >= 3, "prepare.min_sequence_length must be >= 3 (leave-one-out needs a "
+                                                 "train item, a valid and a test target)")
+        check(self.min_sequence_length >= 1, "prepare.min_sequence_length must be >= 1")
+        self.split.validate()
         check(self.max_sequence_length is None or self.max_sequence_length >= self.min_sequence_length,
               "prepare.max_sequence_length must be >= min_sequence_length")
         check(self.item_k_core >= 0 and self.user_k_core >= 0, "prepare k-core values must be >= 0")
@@ -135,7 +141,7 @@ def _filter_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array], use
 
 def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
                     user_k: int, min_length: int, item_vocab: pd.Index, user_vocab: pd.Index,
-                    max_length: Optional[int], users_as_int: bool) -> dict[str, Any]:
+                    max_length: Optional[int], users_as_int: bool, with_times: bool) -> dict[str, Any]:
     shard = int(batch["shard"][0])
     table = _from_blob(batch["sequences"][0])
     table, counts = transforms.filter_sequences(table, allowed, user_k, min_length)
@@ -147,8 +153,10 @@ def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
     flat = np.concatenate(final.column("sequence").to_numpy(zero_copy_only=False)) if final.num_rows else np.zeros(0, np.int32)
     item_count = np.bincount(flat, minlength=len(item_vocab) + 1)
     lengths = np.diff(final.column("sequence").combine_chunks().offsets.to_numpy()) if final.num_rows else np.zeros(0)
+    times = pc.list_flatten(final.column("timestamps")).to_numpy(zero_copy_only=False) \
+        if with_times and final.num_rows else np.zeros(0, np.float64)
     return {"shard": [shard], "file": [name if final.num_rows else ""], "counts": [json.dumps(counts)],
-            "item_count": [item_count], "lengths": [lengths.astype(np.int64)],
+            "item_count": [item_count], "lengths": [lengths.astype(np.int64)], "times": [times.astype(np.float64)],
             "data": [_to_blob(final) if final.num_rows else b""]}
 
 
@@ -164,6 +172,9 @@ def check_inputs(cfg: PrepareConfig) -> ResolvedSource:
     """What can be checked without Ray (the input's files, format, header and columns; an existing output):
     the CLI calls this before Ray starts, so a wrong path fails in a second."""
     source = resolve_source(cfg.source)
+    if cfg.split.protocol == "global_time" and not source.has_timestamp:
+        raise InputError("prepare.split.protocol global_time needs a timestamp column, and this source has none "
+                         "(set source.time_col)", path=cfg.source.path)
     out = Location.of(cfg.output) if "://" in cfg.output else Path(cfg.output).resolve()
     if out.exists() and not cfg.overwrite:
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
@@ -265,13 +276,15 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     user_vocab, users_as_int = _vocabulary(users, source.id_auto)
 
     # 4: dense indices, truncation, final shards.
-    rows = []
+    rows, times_parts = [], []
     for row in shard_ds.map_batches(_finalize_shard, batch_size=1, fn_kwargs={
             "allowed": allowed, "user_k": user_k, "min_length": min_length, "item_vocab": item_vocab,
-            "user_vocab": user_vocab, "max_length": cfg.max_sequence_length, "users_as_int": users_as_int}).iter_rows():
+            "user_vocab": user_vocab, "max_length": cfg.max_sequence_length, "users_as_int": users_as_int,
+            "with_times": cfg.split.protocol == "global_time"}).iter_rows():
         if row["file"]:        # streamed: the driver holds one finished shard at a time
             (tmp / SEQUENCES_DIR / row["file"]).write_bytes(row["data"])
-        rows.append({k: v for k, v in row.items() if k != "data"})
+        rows.append({k: v for k, v in row.items() if k not in ("data", "times")})
+        times_parts.append(row["times"])
     final_counts: Counter = Counter()
     for row in rows:
         final_counts.update(json.loads(row["counts"]))
@@ -282,6 +295,18 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     rows_kept = int(lengths.sum())
     if rows_read != rows_kept + sum(dropped.values()):
         raise AssertionError(f"row accounting broken: read {rows_read}, kept {rows_kept}, dropped {dict(dropped)}")
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if cfg.split.protocol == "global_time":
+        times = np.concatenate(times_parts)
+        split = SplitSpec("global_time", *cfg.split.cuts(times))
+        splits = split.accounting(offsets, times)
+        if splits["test_users"] == 0 or splits["valid_users"] == 0:
+            raise InputError(f"prepare.split: no user has a {'test' if splits['test_users'] == 0 else 'validation'} "
+                             f"target after the cut ({splits['valid_from_iso']} / {splits['test_from_iso']}, "
+                             f"events per period {splits['events']}): move the cut", path=cfg.source.path)
+    else:
+        splits = SplitSpec().accounting(offsets, np.zeros(int(offsets[-1])))
 
     _write_items(tmp, source, cfg.source, item_vocab, item_count)
     cfg.save(tmp / CONFIG_FILE)
@@ -303,13 +328,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
             "min": int(lengths.min()), "max": int(lengths.max()), "mean": round(float(lengths.mean()), 3),
             "median": float(np.median(lengths)), "p90": float(np.percentile(lengths, 90)),
         },
-        "splits": {
-            "protocol": "leave-one-out by time: train = all but the last two, valid = item n-1, test = item n",
-            "train_users": int(len(lengths)),
-            "train_targets": int(np.sum(lengths - 3)),
-            "valid_users": int(len(lengths)),
-            "test_users": int(len(lengths)),
-        },
+        "splits": splits,
         "shards": [{"file": f"{SEQUENCES_DIR}/{f}", "users": u, "events": e} for f, u, e in shard_files],
     }
 

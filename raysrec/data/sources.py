@@ -295,7 +295,8 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
 def _assign_roles(fields: list[str], cfg: SourceConfig, path: Location, default_rating: Optional[str],
                   sep: Optional[str] = None) -> dict[str, str]:
     roles: dict[str, str] = {}
-    wanted = {"user": cfg.user_col, "item": cfg.item_col, "timestamp": cfg.time_col,
+    time_col = None if (cfg.time_col or "").lower() in ("", "none") else cfg.time_col   # `--time-col none`
+    wanted = {"user": cfg.user_col, "item": cfg.item_col, "timestamp": time_col,
               "rating": cfg.rating_col or (default_rating if default_rating in fields else None)}
     for role, name in wanted.items():
         if name is None:

@@ -19,22 +19,29 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE
+from raysrec.data.split import LEAVE_ONE_OUT, Positions, SplitSpec
 from raysrec.errors import InputError
 from raysrec.files import filesystem
 
 
 @dataclasses.dataclass
 class SequenceSet:
-    """Per-user item sequences in CSR form; ``items[offsets[u]:offsets[u+1]]`` is user ``u``'s."""
+    """Per-user item sequences in CSR form; ``items[offsets[u]:offsets[u+1]]`` is user ``u``'s. ``split`` says
+    which events train and which are held out (:mod:`raysrec.data.split`)."""
 
     user_index: np.ndarray   # (U,) int32
     offsets: np.ndarray      # (U+1,) int64
     items: np.ndarray        # (E,) int32, 1..num_items
     times: np.ndarray        # (E,) float64
+    split: SplitSpec = LEAVE_ONE_OUT
 
     @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
+
+    def positions(self) -> Positions:
+        """Per user: where training ends and where the validation and test targets are."""
+        return self.split.positions(self.offsets, self.times)
 
     def __len__(self) -> int:
         return len(self.user_index)
@@ -43,22 +50,23 @@ class SequenceSet:
         return self.items[self.offsets[u]:self.offsets[u + 1]]
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> SequenceSet:
+    def from_table(cls, table: pa.Table, split: SplitSpec = LEAVE_ONE_OUT) -> SequenceSet:
         seq = table.column("sequence").combine_chunks()
         times = table.column("timestamps").combine_chunks()
         offsets = seq.offsets.to_numpy().astype(np.int64)
         base = offsets[0]
         return cls(table.column("user_index").to_numpy().astype(np.int32), offsets - base,
                    seq.values.to_numpy()[base:offsets[-1]].astype(np.int32),
-                   times.values.to_numpy()[base:offsets[-1]].astype(np.float64))
+                   times.values.to_numpy()[base:offsets[-1]].astype(np.float64), split)
 
     @classmethod
-    def from_lists(cls, sequences: list[list[int]], times: Optional[list[list[float]]] = None) -> SequenceSet:
+    def from_lists(cls, sequences: list[list[int]], times: Optional[list[list[float]]] = None,
+                   split: SplitSpec = LEAVE_ONE_OUT) -> SequenceSet:
         lengths = np.array([len(s) for s in sequences], np.int64)
         flat_times = (np.concatenate([np.asarray(t, np.float64) for t in times]) if times
                       else np.concatenate([np.arange(n, dtype=np.float64) for n in lengths]))
         return cls(np.arange(len(sequences), dtype=np.int32), np.concatenate([[0], np.cumsum(lengths)]),
-                   np.concatenate([np.asarray(s, np.int32) for s in sequences]), flat_times)
+                   np.concatenate([np.asarray(s, np.int32) for s in sequences]), flat_times, split)
 
 
 @dataclasses.dataclass
@@ -101,6 +109,10 @@ class PreparedData:
     def has_timestamps(self) -> bool:
         return bool(self.manifest.get("has_timestamps", False))
 
+    @property
+    def split(self) -> SplitSpec:
+        return SplitSpec.from_manifest(self.manifest)
+
     def shard_files(self) -> list[str]:
         return [f"{self.path}/{s['file']}" for s in self.manifest["shards"]]
 
@@ -108,8 +120,9 @@ class PreparedData:
         files = self.shard_files() if files is None else files
         table = pa.concat_tables([self._read_shard(f) for f in files]) if files else None
         if table is None:
-            return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0))
-        return SequenceSet.from_table(table.sort_by("user_index"))
+            return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0),
+                               self.split)
+        return SequenceSet.from_table(table.sort_by("user_index"), self.split)
 
     def _read_shard(self, file: str) -> pa.Table:
         try:

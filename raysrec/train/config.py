@@ -59,6 +59,8 @@ class TrainConfig(Config):
     resume_from: Optional[str] = option(None, 'a checkpoint folder to continue from')
     init_from: Optional[str] = option(None, 'warm start: a model trained on an older log (same architecture); '
                                             'known items keep their rows, new items start fresh')
+    init_optimizer: Literal["reset", "carry"] = option("reset", "with init_from: start AdamW afresh, or carry the "
+                                                               "checkpoint's moments (item rows matched by id)")
     verbose: bool = option(False, "also print Ray Train's per-report lines")
 
     def validate(self) -> None:

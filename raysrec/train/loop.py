@@ -29,7 +29,7 @@ from raysrec.evaluation import check_same_items, evaluate, held_out_items, summa
 from raysrec.models import losses
 from raysrec.models.sequential import SequentialRecommender, autocast, build_model
 from raysrec.train.config import VALID_METRIC, TrainConfig, improves
-from raysrec.train.warm_start import warm_start
+from raysrec.train.warm_start import carry_optimizer, match_items, warm_start
 
 
 class Session(Protocol):
@@ -131,12 +131,15 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         resume = session.latest_checkpoint(scratch) or (Path(cfg.resume_from) if cfg.resume_from else None)
         if resume is not None:
             check_same_items(artifact.item_ids(resume), data, str(resume))
-        model, warm = build_model(cfg.model), None
+        model, warm, warm_optim = build_model(cfg.model), None, None
         if cfg.init_from and resume is None:      # a restarted worker resumes its own run instead
             folder, where = artifact.fetch(cfg.init_from, scratch / "init")
             source, _, _ = artifact.load_checkpoint(folder.checkpoint)
             warm = warm_start(model, source, artifact.item_ids(folder.checkpoint),
                               data.item_ids(), where)
+            if cfg.init_optimizer == "carry":
+                warm_optim = (torch.load(folder.checkpoint / artifact.OPTIM_FILE, map_location="cpu", weights_only=True),
+                              match_items(artifact.item_ids(folder.checkpoint), data.item_ids()), where)
         kernel = losses.ce_kernel(cfg.ce_kernel, session.device, cfg.label_smoothing, bool(cfg.cold_items),
                                   cfg.bf16)
     except RaysrecError as exc:
@@ -165,6 +168,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         model.load_state_dict(core.state_dict())
         artifact.load_optimizer_state(resume, optimizer)
         state = {k: saved[k] for k in state}
+    if warm_optim is not None:
+        carry_optimizer(optimizer, unwrap(model), *warm_optim)
     # Where every worker runs (node, host, pid, device), kept in the checkpoint state and in
     # metrics.json; a restart after a failure appends the new placement.
     state["workers"] = session.workers()

@@ -4,8 +4,11 @@ The newer prepared data may have new items (and users; users have no parameters)
 their original id: a known item keeps its learned row of the item table, a new item keeps the fresh row
 the model was built with (zero when the model fuses text, so a new item starts from its text vector alone:
 the cold-start representation ``id_dropout`` trains for). Every other parameter is copied as is, so the
-architecture must match the checkpoint's; the text vectors come from the new data. The optimizer starts
-afresh. The output checkpoint's item index is the new data's.
+architecture must match the checkpoint's; the text vectors come from the new data. The output checkpoint's
+item index is the new data's.
+
+The optimizer starts afresh (``train.init_optimizer: reset``, the default) or takes the checkpoint's AdamW
+moments, item rows matched like the weights (``carry``); ``bench/warm_start.py`` measures both.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ ITEM_TABLES = ("item_emb.weight",)
 FROM_DATA = ("text_vectors",)          # the new data's, set by the training loop
 
 
+def match_items(source_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
+    """``old[i - 1]``: the source index of the new data's item ``i`` (0: an item the source never saw)."""
+    position = {v: i + 1 for i, v in enumerate(source_ids.tolist())}
+    return np.array([position.get(v, 0) for v in target_ids.tolist()], dtype=np.int64)
+
+
 def warm_start(model: SequentialRecommender, source: SequentialRecommender, source_ids: np.ndarray,
                target_ids: np.ndarray, where: str) -> dict[str, Any]:
     """Copy ``source``'s parameters into ``model`` (in place); ``*_ids[i - 1]`` is the original id of item
@@ -38,8 +47,7 @@ def warm_start(model: SequentialRecommender, source: SequentialRecommender, sour
         if value.shape != dst[name].shape:
             raise ConfigError(f"{where}: train.init_from needs the same architecture; {name} is "
                               f"{tuple(value.shape)} there and {tuple(dst[name].shape)} here")
-    position = {v: i + 1 for i, v in enumerate(source_ids.tolist())}
-    old = np.array([position.get(v, 0) for v in target_ids.tolist()], dtype=np.int64)   # 0: a new item
+    old = match_items(source_ids, target_ids)
     known = np.flatnonzero(old) + 1                                                     # new indices
     with torch.no_grad():
         for name, value in src.items():
@@ -53,3 +61,36 @@ def warm_start(model: SequentialRecommender, source: SequentialRecommender, sour
     model.load_state_dict(dst)
     return {"known_items": int(len(known)), "new_items": int(len(target_ids) - len(known)),
             "dropped_items": int(len(source_ids) - len(known))}
+
+
+def carry_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, saved: dict[str, Any],
+                    old: np.ndarray, where: str) -> None:
+    """Load the source run's optimizer state (``saved``, an AdamW ``state_dict``) into ``optimizer`` for
+    ``model``: per-parameter moments as they were, item-table rows matched by ``old`` (from
+    :func:`match_items`), zero moments for new items. Learning rate and the other hyper-parameters stay
+    this run's."""
+    named = list(model.named_parameters())
+    if len(saved.get("param_groups", [{}])[0].get("params", [])) != len(named):
+        raise ConfigError(f"{where}: the checkpoint's optimizer state does not match this model's parameters")
+    known = torch.from_numpy(np.flatnonzero(old) + 1)
+    rows = torch.from_numpy(old[np.flatnonzero(old)])
+    state = {}
+    for i, (name, param) in enumerate(named):
+        entry = saved["state"].get(i)
+        if entry is None:
+            continue
+        if name in ITEM_TABLES:
+            mapped = {}
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() == param.dim() and value.shape[1:] == param.shape[1:]:
+                    fresh = torch.zeros(param.shape, dtype=value.dtype)
+                    fresh[known] = value[rows]
+                    mapped[key] = fresh
+                else:
+                    mapped[key] = value    # step
+            entry = mapped
+        elif any(torch.is_tensor(v) and v.dim() > 0 and v.shape != param.shape for v in entry.values()):
+            raise ConfigError(f"{where}: the checkpoint's optimizer state for {name} has another shape")
+        state[i] = entry
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -97,16 +95,6 @@ def _finished_trials(experiment: Path, epochs: int) -> dict[str, float]:
         if rows and rows[-1].get("epoch") == epochs:
             finished[rows[-1]["trial_id"]] = max(r["valid_ndcg@10"] for r in rows)
     return finished
-
-
-@pytest.fixture
-def ray_tmp():
-    """A short, private Ray temp dir for a subprocess's own local Ray (socket paths < 108 chars); every
-    process still using it at the end is killed."""
-    folder = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    yield folder
-    subprocess.run(["pkill", "-9", "-f", folder], check=False)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_path, ray_tmp):

@@ -13,7 +13,7 @@ from raysrec.errors import ConfigError
 from raysrec.models.sequential import ModelConfig, build_model
 from raysrec.train.config import TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
-from raysrec.train.warm_start import warm_start
+from raysrec.train.warm_start import carry_optimizer, match_items, warm_start
 
 SMALL = ModelConfig(hidden_dim=16, num_heads=2, num_layers=1, max_length=10)
 
@@ -36,6 +36,36 @@ def test_known_items_keep_their_rows_bit_for_bit_and_new_items_start_fresh(name)
     for key, value in old.state_dict().items():
         if key not in ("item_emb.weight", "text_vectors"):
             assert torch.equal(new.state_dict()[key], value), key
+
+
+def test_carried_optimizer_moments_follow_the_items():
+    torch.manual_seed(0)
+    old = build_model(SMALL.replace(num_items=5))
+    old_opt = torch.optim.AdamW(old.parameters(), lr=1e-3)
+    for _ in range(3):
+        old_opt.zero_grad()
+        old({"input_ids": torch.tensor([[1, 2, 3, 4, 5]])}).pow(2).mean().backward()
+        old_opt.step()
+    new = build_model(SMALL.replace(num_items=6))
+    old_ids, new_ids = np.array([10, 20, 30, 40, 50]), np.array([30, 60, 10, 70, 50, 80])
+    warm_start(new, old, old_ids, new_ids, "old-model")
+    new_opt = torch.optim.AdamW(new.parameters(), lr=5e-4)
+    carry_optimizer(new_opt, new, old_opt.state_dict(), match_items(old_ids, new_ids), "old-model")
+    saved = {name: old_opt.state[p] for name, p in old.named_parameters()}
+    for name, p in new.named_parameters():
+        got = new_opt.state[p]
+        assert float(got["step"]) == 3.0
+        if name == "item_emb.weight":
+            for key in ("exp_avg", "exp_avg_sq"):
+                for new_index, old_index in ((1, 3), (3, 1), (5, 5)):
+                    assert torch.equal(got[key][new_index], saved[name][key][old_index])
+                assert not got[key][[0, 2, 4, 6]].any()          # padding and new items start at zero
+        else:
+            assert torch.equal(got["exp_avg_sq"], saved[name]["exp_avg_sq"]), name
+    assert new_opt.param_groups[0]["lr"] == 5e-4                 # this run's hyper-parameters
+    new_opt.zero_grad()
+    new({"input_ids": torch.tensor([[1, 2, 6]])}).pow(2).mean().backward()
+    new_opt.step()                                               # the carried state is usable
 
 
 def test_another_architecture_is_refused_in_one_line():
