@@ -7,8 +7,9 @@ A nightly retrain, replayed on ML-100K with a global time split:
 2. the *new* log is everything; it is prepared with the validation cut at ``--valid-quantile`` and the
    test cut T2 at ``--test-quantile`` of all event times, so the new model trains on events before the
    validation cut and is tested on each user's first event at or after T2;
-3. on the new log: from scratch, warm start with a fresh optimizer (``init_optimizer: reset``) and warm
-   start with the old run's AdamW moments (``carry``), same model, seed and early stopping.
+3. on the new log: from scratch, warm start with a fresh optimizer (``init_optimizer: reset``), warm
+   start with the old run's AdamW moments (``carry``), and warm start with shrink and perturb (Ash &
+   Adams, NeurIPS 2020: ``init_shrink`` 0.5, ``init_perturb`` 0.1), same model, seed and early stopping.
 
 Printed: epochs to the best validation epoch, seconds, test NDCG@10 / HR@10 of the best checkpoint, and
 validation NDCG@10 at equal wall time (each run's curve read at the fastest run's time to its best).
@@ -57,8 +58,8 @@ def at_time(model_dir: Path, t: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--t1-quantile", type=float, default=0.6)
-    parser.add_argument("--valid-quantile", type=float, default=0.85)
-    parser.add_argument("--test-quantile", type=float, default=0.9)
+    parser.add_argument("--valid-quantile", type=float, default=0.7)
+    parser.add_argument("--test-quantile", type=float, default=0.85)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -98,8 +99,11 @@ def main() -> None:
     print(f"old model: {old_model['epochs']} epochs, {time.time() - started:.0f} s, "
           f"test NDCG@10 {old_model['test']['ndcg@10']:.4f} on its own log", flush=True)
 
-    runs = {"scratch": {}, "warm, optimizer reset": {"init_from": str(work / "model-old"), "init_optimizer": "reset"},
-            "warm, optimizer carried": {"init_from": str(work / "model-old"), "init_optimizer": "carry"}}
+    plain = {"init_from": str(work / "model-old"), "init_shrink": 1.0, "init_perturb": 0.0}
+    runs = {"scratch": {}, "warm, optimizer reset": {**plain, "init_optimizer": "reset"},
+            "warm, optimizer carried": {**plain, "init_optimizer": "carry"},
+            "warm, shrink 0.5 + perturb 0.1": {"init_from": str(work / "model-old"), "init_shrink": 0.5,
+                                               "init_perturb": 0.1}}
     results = {}
     for name, extra in runs.items():
         out = work / f"model-new-{len(results)}"

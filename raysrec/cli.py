@@ -77,7 +77,7 @@ TRAIN_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
     "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
     "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "cold_items", "resume_from",
-    "init_from", "init_optimizer", "storage_path", "verbose"]
+    "init_from", "init_optimizer", "init_shrink", "init_perturb", "storage_path", "verbose"]
 RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
                      "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
 EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]
@@ -87,7 +87,8 @@ TUNE_OPTIONS = [
     "train.cpus_per_worker", "train.gpus_per_worker", "train.use_gpu"]
 SERVE_OPTIONS = [
     "model_dir:--model,-m", "host", "port", "num_replicas:--num-replicas,--replicas", "device", "batching",
-    "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "torch_threads", "ingress", "throughput_optimized"]
+    "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "torch_threads", "ingress", "throughput_optimized",
+    "retrieval", "ann_min_items", "ann_ef_search"]
 PIPELINE_OPTIONS = ["output:--output,-o", "storage_path", "stage", "deploy"]
 
 

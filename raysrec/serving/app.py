@@ -60,7 +60,9 @@ class RecommenderServer:
         if not any(m.cls is BodyLimit for m in api.user_middleware):  # before the app serves its first request
             api.add_middleware(BodyLimit, limit=self.cfg.max_request_bytes)
         torch.set_num_threads(self.cfg.torch_threads)
-        self.rec = Recommender.load(self.cfg.model_dir, device=self.cfg.device)
+        self.rec = Recommender.load(self.cfg.model_dir, device=self.cfg.device, retrieval=self.cfg.retrieval,
+                                    ann_min_items=self.cfg.ann_min_items, ann_ef_search=self.cfg.ann_ef_search,
+                                    threads=self.cfg.torch_threads)
         self.version = self.rec.metadata["version"]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysrec-model")
         self._batcher = MicroBatcher(self.rec.run, self._pool, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)

@@ -32,6 +32,11 @@ class ServeConfig(Config):
     num_cpus: float = 1.0                            # per replica
     torch_threads: int = option(1, 'torch threads per replica')
     device: Literal["cpu", "cuda"] = option("cpu", 'where replicas run the model')
+    retrieval: Literal["auto", "exact", "hnsw"] = option(
+        "auto", "top-k: exact (every item scored), hnsw (FAISS graph, raysrec[ann]; recall@10 in GET /model), "
+                "or auto: hnsw from ann_min_items items when FAISS is installed")
+    ann_min_items: int = option(1_000_000, "catalogue size from which retrieval auto uses hnsw")
+    ann_ef_search: int = option(512, "HNSW search breadth: higher = better recall, slower")
     batching: bool = option(True, 'micro-batch concurrent requests')
     max_batch_size: int = option(64, 'requests per batch at most')
     batch_wait_timeout_s: float = option(0.002, 'how long a batch waits to fill')
@@ -46,6 +51,7 @@ class ServeConfig(Config):
         check(self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s must be >= 0")
         check(self.num_replicas >= 1, "serve.num_replicas must be >= 1")
         check(self.max_request_bytes >= 1024, "serve.max_request_bytes must be >= 1024")
+        check(self.ann_min_items >= 1 and self.ann_ef_search >= 1, "serve.ann_min_items and ann_ef_search must be >= 1")
         if self.max_ongoing_requests is not None:
             check(self.max_ongoing_requests >= self.max_batch_size,
                   "serve.max_ongoing_requests must be >= serve.max_batch_size, or batches can never fill")

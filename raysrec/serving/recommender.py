@@ -39,6 +39,7 @@ from raysrec import artifact
 from raysrec.config import redact
 from raysrec.errors import CheckpointError
 from raysrec.models.sequential import SequentialRecommender
+from raysrec.serving.ann import HnswIndex, ann_available, recall_at_k
 
 ItemId = int | str
 
@@ -68,7 +69,9 @@ class Recommender:
     """A loaded checkpoint with its item index, ready to answer batches of queries."""
 
     def __init__(self, model: SequentialRecommender, item_ids: np.ndarray, titles: Optional[list[Optional[str]]],
-                 counts: np.ndarray, metadata: dict[str, Any], device: str = "cpu", chunk_items: int = 262144) -> None:
+                 counts: np.ndarray, metadata: dict[str, Any], device: str = "cpu", chunk_items: int = 262144,
+                 retrieval: str = "exact", ann_min_items: int = 1_000_000, ann_ef_search: int = 512,
+                 threads: int = 0) -> None:
         self.model = model.to(device).eval()
         self.chunk_items = chunk_items                            # exact top-k scores this many items at a time
         self.device = torch.device(device)
@@ -84,9 +87,30 @@ class Recommender:
         self._download: Optional[tempfile.TemporaryDirectory] = None
         with torch.inference_mode():
             self.item_vectors = model.item_vectors().detach().to(device).float().clone()   # (N+1, d)
+        self.ann = None
+        if retrieval == "hnsw" or (retrieval == "auto" and self.num_items >= ann_min_items and ann_available()):
+            self.ann = HnswIndex.build(self.item_vectors.cpu().numpy(), ef_search=ann_ef_search, threads=threads)
+            self.metadata["retrieval"] = {"method": "hnsw", "build_seconds": round(self.ann.build_seconds, 2),
+                                          "ef_search": self.ann.ef_search, **self._ann_recall()}
+        else:
+            self.metadata["retrieval"] = {"method": "exact"}
+
+    @torch.inference_mode()
+    def _ann_recall(self, n: int = 512, k: int = 10) -> dict[str, Any]:
+        """Recall@k of the ANN index against exact top-k, on the user vectors of ``n`` one-item histories
+        (items drawn at random, half from the most popular thousand): what ``/model`` reports."""
+        rng = np.random.default_rng(0)
+        picks = np.concatenate([rng.choice(self.popular[:1000], n // 2),
+                                rng.integers(1, self.num_items + 1, n - n // 2)])
+        batch = self._batch([[int(i)] for i in picks], [None] * n, [0.0] * n)
+        hidden = self.model(batch)[:, -1].float()
+        exact = torch.topk(hidden @ self.item_vectors[1:].T, min(k, self.num_items)).indices.cpu().numpy() + 1
+        _, approx = self.ann.search(hidden.cpu().numpy(), min(k, self.num_items))
+        return {f"recall@{k}": round(recall_at_k(exact, approx), 4), "probe_queries": n}
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> Recommender:
+    def load(cls, path: str | Path, device: str = "cpu", retrieval: str = "exact", ann_min_items: int = 1_000_000,
+             ann_ef_search: int = 512, threads: int = 0) -> Recommender:
         """A model folder (or tune output, or checkpoint folder) at a local path or a URI (``s3://bucket/run/best``:
         downloaded once into a temporary folder this object owns, every file's sha256 checked)."""
         download = tempfile.TemporaryDirectory(prefix="raysrec-model-") if "://" in str(path) else None
@@ -112,7 +136,8 @@ class Recommender:
             "valid_ndcg@10": state.get("best"), "config": cfg.to_dict(),
             "metrics": {k: metrics[k] for k in ("valid", "test") if k in metrics},
         }
-        rec = cls(model, items["item_id"].to_numpy(), titles, items["count"].to_numpy(), metadata, device)
+        rec = cls(model, items["item_id"].to_numpy(), titles, items["count"].to_numpy(), metadata, device,
+                  retrieval=retrieval, ann_min_items=ann_min_items, ann_ef_search=ann_ef_search, threads=threads)
         rec._download = download          # the downloaded copy lives as long as the recommender
         return rec
 
@@ -208,15 +233,36 @@ class Recommender:
 
     def _top_k_batch(self, hidden: torch.Tensor, queries: list[Query], seen: list[list[int]]
                      ) -> list[tuple[list[float], list[int]]]:
-        """Exact top-k for the whole batch: one matmul and one top-k per chunk of ``chunk_items`` items (one
-        chunk up to that catalogue size), then a top-k of the chunks' winners; memory O(B x chunk)."""
+        """Top-k for the whole batch, exact or from the ANN index (over-fetching past the excluded items)."""
+        blocked = [self._blocked(q, s) for q, s in zip(queries, seen)]
+        ks = [max(0, min(q.k, self.num_items - len(b))) for q, b in zip(queries, blocked)]
+        if self.ann is None:
+            return self._exact_top_k(hidden, blocked, ks)
+        fetch = min(self.num_items, max(k + len(b) for k, b in zip(ks, blocked)))
+        scores, indices = self.ann.search(hidden.cpu().numpy(), fetch)
+        out: list[Optional[tuple[list[float], list[int]]]] = []
+        short = []
+        for r, (k, b) in enumerate(zip(ks, blocked)):
+            keep = [(float(v), int(i)) for v, i in zip(scores[r], indices[r]) if i > 0 and int(i) not in b][:k]
+            if len(keep) < k:
+                short.append(r)          # the graph search came back short: answer this row exactly
+                out.append(None)
+            else:
+                out.append(([v for v, _ in keep], [i for _, i in keep]))
+        if short:
+            exact = self._exact_top_k(hidden[short], [blocked[r] for r in short], [ks[r] for r in short])
+            for r, answer in zip(short, exact):
+                out[r] = answer
+        return out  # type: ignore[return-value]
+
+    def _exact_top_k(self, hidden: torch.Tensor, blocked: list[set[int]], ks: list[int]
+                     ) -> list[tuple[list[float], list[int]]]:
+        """Exact top-k: one matmul and one top-k per chunk of ``chunk_items`` items (one chunk up to that
+        catalogue size), then a top-k of the chunks' winners; memory O(B x chunk)."""
         rows, cols = [], []
-        ks = []
-        for r, (q, s) in enumerate(zip(queries, seen)):
-            blocked = self._blocked(q, s)
-            rows += [r] * len(blocked)
-            cols += blocked
-            ks.append(max(0, min(q.k, self.num_items - len(blocked))))
+        for r, b in enumerate(blocked):
+            rows += [r] * len(b)
+            cols += b
         rows_t = torch.tensor(rows, dtype=torch.long, device=hidden.device)
         cols_t = torch.tensor(cols, dtype=torch.long, device=hidden.device)
         k_max = max(ks)

@@ -59,6 +59,10 @@ class TrainConfig(Config):
     resume_from: Optional[str] = option(None, 'a checkpoint folder to continue from')
     init_from: Optional[str] = option(None, 'warm start: a model trained on an older log (same architecture); '
                                             'known items keep their rows, new items start fresh')
+    # shrink and perturb (Ash & Adams, NeurIPS 2020); bench/warm_start.py: on ML-100K's time split it reached a
+    # better valid/test NDCG@10 than the plain copy (1.0, 0.0: known rows bit for bit) in fewer epochs
+    init_shrink: float = option(0.5, "with init_from: scale the learned weights (1: as learned)")
+    init_perturb: float = option(0.1, "with init_from: add this times a fresh initialisation (0: none)")
     init_optimizer: Literal["reset", "carry"] = option("reset", "with init_from: start AdamW afresh, or carry the "
                                                                "checkpoint's moments (item rows matched by id)")
     verbose: bool = option(False, "also print Ray Train's per-report lines")
@@ -77,6 +81,8 @@ class TrainConfig(Config):
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")
         check(0.0 <= self.cold_items < 1.0, "train.cold_items must be in [0, 1)")
         check(self.max_failures >= 0, "train.max_failures must be >= 0")
+        check(0.0 < self.init_shrink <= 1.0 and self.init_perturb >= 0.0,
+              "train.init_shrink must be in (0, 1] and train.init_perturb >= 0")
         check(not (self.init_from and self.resume_from), "train.init_from and train.resume_from exclude each other "
               "(resume continues a run on the same data; init_from starts a new one)")
         check(self.ce_kernel != "cce" or (self.use_gpu and self.bf16 and not self.label_smoothing

@@ -135,8 +135,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         if cfg.init_from and resume is None:      # a restarted worker resumes its own run instead
             folder, where = artifact.fetch(cfg.init_from, scratch / "init")
             source, _, _ = artifact.load_checkpoint(folder.checkpoint)
-            warm = warm_start(model, source, artifact.item_ids(folder.checkpoint),
-                              data.item_ids(), where)
+            warm = warm_start(model, source, artifact.item_ids(folder.checkpoint), data.item_ids(), where,
+                              shrink=cfg.init_shrink, perturb=cfg.init_perturb)
             if cfg.init_optimizer == "carry":
                 warm_optim = (torch.load(folder.checkpoint / artifact.OPTIM_FILE, map_location="cpu", weights_only=True),
                               match_items(artifact.item_ids(folder.checkpoint), data.item_ids()), where)
@@ -174,7 +174,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     # metrics.json; a restart after a failure appends the new placement.
     state["workers"] = session.workers()
     if warm is not None:
-        state["init_from"] = {"model": redact(cfg.init_from), **warm}
+        state["init_from"] = {"model": redact(cfg.init_from), **warm, "shrink": cfg.init_shrink,
+                              "perturb": cfg.init_perturb, "optimizer": cfg.init_optimizer}
         if session.rank == 0:
             print(f"warm start from {redact(cfg.init_from)}: {warm['known_items']:,} items keep their learned rows, "
                   f"{warm['new_items']:,} new, {warm['dropped_items']:,} no longer in the data", flush=True)

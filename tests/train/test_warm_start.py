@@ -38,6 +38,19 @@ def test_known_items_keep_their_rows_bit_for_bit_and_new_items_start_fresh(name)
             assert torch.equal(new.state_dict()[key], value), key
 
 
+def test_shrink_and_perturb_mixes_learned_and_fresh_weights():
+    torch.manual_seed(0)
+    old = build_model(SMALL.replace(num_items=5))
+    new = build_model(SMALL.replace(num_items=6))
+    fresh = {k: v.detach().clone() for k, v in new.state_dict().items()}
+    warm_start(new, old, np.array([10, 20, 30, 40, 50]), np.array([30, 60, 10, 70, 50, 80]), "old",
+               shrink=0.5, perturb=0.1)
+    got, learned = new.state_dict(), old.state_dict()
+    assert torch.allclose(got["pos_emb.weight"], 0.5 * learned["pos_emb.weight"] + 0.1 * fresh["pos_emb.weight"])
+    assert torch.allclose(got["item_emb.weight"][1], 0.5 * learned["item_emb.weight"][3] + 0.1 * fresh["item_emb.weight"][1])
+    assert torch.equal(got["item_emb.weight"][2], fresh["item_emb.weight"][2])         # a new item: fresh
+
+
 def test_carried_optimizer_moments_follow_the_items():
     torch.manual_seed(0)
     old = build_model(SMALL.replace(num_items=5))
