@@ -290,6 +290,16 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     cfg = _config_from_args(ServeConfig, args)
     cfg = cfg.replace(model_dir=artifact.locate(cfg.model_dir))
     address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and "://" not in address:
+        # Ray retries an unreachable GCS for minutes; a wrong address is the user's mistake, said at once
+        import socket  # noqa: PLC0415
+
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as exc:
+            raise InputError(f"no running Ray cluster at {address!r} to deploy to ({exc.strerror or exc}); start "
+                             "one with `ray start --head`, or serve locally with `raysrec serve`") from None
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError) as exc:

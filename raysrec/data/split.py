@@ -34,17 +34,19 @@ class SplitConfig(Config):
     """``prepare.split``: the evaluation protocol and, for ``global_time``, where the cuts fall."""
 
     protocol: Protocol = option("leave_one_out", "leave_one_out (last two events held out) or global_time (one cut in time)")
-    valid_time: Optional[Union[float, str]] = option(None, "global_time: validation period start (epoch seconds or an ISO date, UTC)")
-    test_time: Optional[Union[float, str]] = option(None, "global_time: test period start (epoch seconds or an ISO date, UTC)")
+    valid_time: Optional[Union[str, float]] = option(None, "global_time: validation period start (epoch seconds or an ISO date, UTC)")
+    test_time: Optional[Union[str, float]] = option(None, "global_time: test period start (epoch seconds or an ISO date, UTC)")
     valid_quantile: float = option(0.8, "global_time without valid_time: cut at this quantile of event times")
     test_quantile: float = option(0.9, "global_time without test_time: cut at this quantile of event times")
 
     def validate(self) -> None:
         check(0.0 < self.valid_quantile < self.test_quantile < 1.0,
               "prepare.split: expected 0 < valid_quantile < test_quantile < 1")
-        for name in ("valid_time", "test_time"):
-            if getattr(self, name) is not None:
-                parse_time(getattr(self, name), f"prepare.split.{name}")
+        times = {name: parse_time(getattr(self, name), f"prepare.split.{name}")
+                 for name in ("valid_time", "test_time") if getattr(self, name) is not None}
+        if len(times) == 2 and not times["valid_time"] < times["test_time"]:
+            raise ConfigError(f"prepare.split: the validation cut ({_iso(times['valid_time'])}) must come before "
+                              f"the test cut ({_iso(times['test_time'])})")
 
     def cuts(self, times: np.ndarray) -> tuple[float, float]:
         """``(valid_from, test_from)`` in epoch seconds: the given times, or quantiles of ``times``."""
