@@ -36,7 +36,8 @@ class SplitConfig(Config):
     protocol: Protocol = option("leave_one_out", "leave_one_out (last two events held out) or global_time (one cut in time)")
     valid_time: Optional[Union[str, float]] = option(None, "global_time: validation period start (epoch seconds or an ISO date, UTC)")
     test_time: Optional[Union[str, float]] = option(None, "global_time: test period start (epoch seconds or an ISO date, UTC)")
-    valid_quantile: float = option(0.8, "global_time without valid_time: cut at this quantile of event times")
+    valid_quantile: float = option(0.8, "global_time without valid_time: cut at this quantile of event times (with "
+                                        "only test_time: at valid/test_quantile of the events before it)")
     test_quantile: float = option(0.9, "global_time without test_time: cut at this quantile of event times")
 
     def validate(self) -> None:
@@ -52,10 +53,15 @@ class SplitConfig(Config):
         """``(valid_from, test_from)`` in epoch seconds: the given times, or quantiles of ``times``."""
         valid = parse_time(self.valid_time, "prepare.split.valid_time") if self.valid_time is not None else None
         test = parse_time(self.test_time, "prepare.split.test_time") if self.test_time is not None else None
-        if valid is None:
-            valid = float(np.quantile(times, self.valid_quantile, method="lower")) if len(times) else 0.0
         if test is None:
             test = float(np.quantile(times, self.test_quantile, method="lower")) if len(times) else 0.0
+        if valid is None:
+            # with only the test date given, the validation cut keeps the quantiles' proportion of what
+            # comes before it (0.8 / 0.9 of the events before the test cut, by default)
+            pool, q = times, self.valid_quantile
+            if self.test_time is not None:
+                pool, q = times[times < test], self.valid_quantile / self.test_quantile
+            valid = float(np.quantile(pool, q, method="lower")) if len(pool) else test - 1.0
         if not valid < test:
             raise ConfigError(f"prepare.split: the validation cut ({_iso(valid)}) must come before the test cut "
                               f"({_iso(test)})")

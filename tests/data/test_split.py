@@ -80,6 +80,9 @@ def test_cuts_from_quantiles_times_and_dates():
     times = np.arange(100, dtype=float)
     assert SplitConfig(protocol="global_time").cuts(times) == (79.0, 89.0)
     assert SplitConfig(protocol="global_time", valid_time="1970-01-01T00:01:00", test_time=90).cuts(times) == (60, 90)
+    # only the test date: the validation cut is at 0.8 / 0.9 of the events before it
+    assert SplitConfig(protocol="global_time", test_time=45).cuts(times) == (np.quantile(np.arange(45.0), 0.8 / 0.9,
+                                                                                         method="lower"), 45)
     assert parse_time("2024-01-31", "x") == pd.Timestamp("2024-01-31", tz="UTC").timestamp()
     with pytest.raises(ConfigError, match="before the test cut"):
         SplitConfig(protocol="global_time", valid_time=50, test_time=40).cuts(times)
