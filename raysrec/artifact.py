@@ -110,14 +110,26 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
     return model, cfg, state
 
 
-def load_optimizer_state(folder: str | Path, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer_state(folder: str | Path) -> Optional[dict[str, Any]]:
+    """The checkpoint's optimizer ``state_dict`` (``None`` when it has none); a corrupt file is a CheckpointError."""
     path = Path(folder) / OPTIM_FILE
-    if path.is_file():
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot load the optimizer state ({first})") from None
+
+
+def load_optimizer_state(folder: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    saved = read_optimizer_state(folder)
+    if saved is not None:
         try:
-            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            optimizer.load_state_dict(saved)
+        except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: cannot load the optimizer state ({first})") from None
+            raise CheckpointError(f"{Path(folder) / OPTIM_FILE}: cannot load the optimizer state ({first})") from None
 
 
 def item_table(folder: str | Path) -> pd.DataFrame:

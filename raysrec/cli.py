@@ -269,7 +269,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = cfg.replace(model_dir=artifact.locate(cfg.model_dir))  # fail fast (no download); absolute for the replicas
     ensure_ray(num_cpus=args.num_cpus, serve_env=cfg.ray_serve_env())
     run(cfg)
-    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    url = cfg.url
     print(f"serving {cfg.model_dir} at {url}  (POST /recommend, POST /score, GET /model, GET /healthz)")
     print(f"try: curl -s {url}/recommend -H 'content-type: application/json' -d '{{\"history\": [], \"k\": 5}}'")
     if not args.detach:
@@ -309,7 +309,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     running = serve.status().applications.get(cfg.app_name)
     print(f"{'updating' if running else 'creating'} app {cfg.app_name!r}: {cfg.model_dir}", flush=True)
     run(cfg)      # new replicas start and pass their health check before the old ones drain and stop
-    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    url = cfg.url
     print(f"deployed: {url}/model names the version now serving")
     return 0
 

@@ -248,7 +248,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
 
         # with a storage path the replicas load the published copy, wherever they run
         serve_cfg = cfg.serve.replace(model_dir=_storage(cfg, "best") or str(best))
-        url = f"http://{serve_cfg.host}:{serve_cfg.port}{serve_cfg.route_prefix.rstrip('/')}"
+        url = serve_cfg.url
         t = step(n + 1, f"deploy on Ray Serve at {url}")
         run(serve_cfg)
         summary["endpoint"] = url

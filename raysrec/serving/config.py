@@ -56,6 +56,11 @@ class ServeConfig(Config):
             check(self.max_ongoing_requests >= self.max_batch_size,
                   "serve.max_ongoing_requests must be >= serve.max_batch_size, or batches can never fill")
 
+    @property
+    def url(self) -> str:
+        """Where the app answers: ``http://host:port`` plus the route prefix."""
+        return f"http://{self.host}:{self.port}{self.route_prefix.rstrip('/')}"
+
     def ray_serve_env(self) -> dict[str, str]:
         """The environment a Ray must start with for ``ingress`` and ``throughput_optimized``. Its actors also run
         at nice 0, not Ray's default 15: a replica sharing a core with HAProxy (nice 0) otherwise waits whenever

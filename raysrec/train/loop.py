@@ -24,7 +24,7 @@ from raysrec.config import redact
 from raysrec.data.examples import evaluation_examples, iterate_batches, training_examples
 from raysrec.data.pipeline import ITEMS_FILE
 from raysrec.data.storage import PreparedData
-from raysrec.errors import InputError, RaysrecError
+from raysrec.errors import ConfigError, InputError, RaysrecError
 from raysrec.evaluation import check_same_items, evaluate, held_out_items, summarize, without_items
 from raysrec.models import losses
 from raysrec.models.sequential import SequentialRecommender, autocast, build_model
@@ -138,8 +138,10 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
             warm = warm_start(model, source, artifact.item_ids(folder.checkpoint), data.item_ids(), where,
                               shrink=cfg.init_shrink, perturb=cfg.init_perturb)
             if cfg.init_optimizer == "carry":
-                warm_optim = (torch.load(folder.checkpoint / artifact.OPTIM_FILE, map_location="cpu", weights_only=True),
-                              match_items(artifact.item_ids(folder.checkpoint), data.item_ids()), where)
+                saved_optim = artifact.read_optimizer_state(folder.checkpoint)
+                if saved_optim is None:
+                    raise ConfigError(f"{where}: train.init_optimizer carry needs the checkpoint's {artifact.OPTIM_FILE}")
+                warm_optim = (saved_optim, match_items(artifact.item_ids(folder.checkpoint), data.item_ids()), where)
         kernel = losses.ce_kernel(cfg.ce_kernel, session.device, cfg.label_smoothing, bool(cfg.cold_items),
                                   cfg.bf16)
     except RaysrecError as exc:

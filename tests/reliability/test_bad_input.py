@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from raysrec.cli import main
 from raysrec.data.sources import SourceConfig, plan_splits, read_split, resolve_source
 from raysrec.errors import InputError
+from tests.models_for_tests import tiny_model
 
 HEADER = b"user_id,item_id,timestamp\n"
 
@@ -77,22 +78,6 @@ def _closed_port() -> int:
         return s.getsockname()[1]      # closed again when this returns: nothing listens there
 
 
-def _tiny_model(folder: Path) -> str:
-    import numpy as np
-    import pandas as pd
-
-    from raysrec import artifact
-    from raysrec.models.sequential import ModelConfig, build_model
-    from raysrec.train.config import TrainConfig
-
-    cfg = ModelConfig(num_items=5, hidden_dim=8, num_heads=1, num_layers=1, max_length=4)
-    pd.DataFrame({"item_index": np.arange(1, 6, dtype=np.int32), "item_id": np.arange(1, 6),
-                  "count": np.ones(5, np.int64)}).to_parquet(folder / "items.parquet", index=False)
-    artifact.save_checkpoint(folder / "m" / "checkpoint", build_model(cfg), TrainConfig(model=cfg), {"epoch": 1},
-                             items_file=folder / "items.parquet")
-    return str(folder / "m")
-
-
 def _write(folder: Path, name: str, text: str) -> str:
     (folder / name).write_text(text)
     return str(folder / name)
@@ -118,7 +103,7 @@ STAGES = {  # name -> (argv builder, message)
                                            "not a prepared data folder (no manifest.json)"),
     "serve: not a checkpoint": (lambda p: ["serve", "--model", str(p / "none")], "model folder not found"),
     "deploy: not a checkpoint": (lambda p: ["deploy", "--model", str(p / "none")], "model folder not found"),
-    "deploy: no cluster there": (lambda p: ["deploy", "--model", _tiny_model(p), "--address", f"127.0.0.1:{_closed_port()}"],
+    "deploy: no cluster there": (lambda p: ["deploy", "--model", str(tiny_model(p / "m")), "--address", f"127.0.0.1:{_closed_port()}"],
                                  "no running Ray cluster at '127.0.0.1:"),
     "prepare: crossed time cuts": (lambda p: ["prepare", "-i", _write(p, "log.csv", "user_id,item_id,timestamp\n1,2,3\n"),
                                               "-o", str(p / "out"), "--split", "global_time", "--valid-time", "2024-02-01",

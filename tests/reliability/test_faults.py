@@ -26,6 +26,7 @@ import yaml
 from raysrec.models.sequential import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit
+from tests.models_for_tests import tiny_model
 
 pytestmark = pytest.mark.slow   # several processes: a Ray cluster, killed workers
 
@@ -155,21 +156,6 @@ def test_killed_serve_replica_under_load_fails_at_most_one_percent(tmp_path, ray
     assert figures["recovered_after_s"] is not None, "Serve did not replace the killed replica"
 
 
-def _tiny_checkpoint(root: Path) -> Path:
-    import numpy as np
-
-    from raysrec import artifact
-    from raysrec.models.sequential import build_model
-
-    cfg = ModelConfig(num_items=50, hidden_dim=16, num_heads=2, num_layers=1, max_length=10)
-    items = pd.DataFrame({"item_index": np.arange(1, 51, dtype=np.int32), "item_id": [f"it{i}" for i in range(1, 51)],
-                          "count": np.arange(50, 0, -1, dtype=np.int64)})
-    items.to_parquet(root / "items.parquet", index=False)
-    artifact.save_checkpoint(root / "checkpoint", build_model(cfg), TrainConfig(model=cfg), {"epoch": 1},
-                             items_file=root / "items.parquet")
-    return root / "checkpoint"
-
-
 @pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
 def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ingress):
     """`raysrec serve` stopped as Kubernetes/systemd/`timeout` stop it: the requests it holds are answered,
@@ -180,7 +166,7 @@ def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ing
 
     import requests
 
-    model = _tiny_checkpoint(tmp_path)
+    model = tiny_model(tmp_path) / "checkpoint"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

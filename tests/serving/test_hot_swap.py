@@ -11,11 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import requests
-import torch
+
+from tests.models_for_tests import tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -26,24 +25,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model(root: Path, seed: int) -> Path:
-    from raysrec import artifact
-    from raysrec.models.sequential import ModelConfig, build_model
-    from raysrec.train.config import TrainConfig
-
-    root.mkdir(parents=True)
-    cfg = ModelConfig(num_items=50, hidden_dim=16, num_heads=2, num_layers=1, max_length=10)
-    items = pd.DataFrame({"item_index": np.arange(1, 51, dtype=np.int32), "item_id": [f"it{i}" for i in range(1, 51)],
-                          "count": np.arange(50, 0, -1, dtype=np.int64)})
-    items.to_parquet(root / "items.parquet", index=False)
-    torch.manual_seed(seed)
-    artifact.save_checkpoint(root / "checkpoint", build_model(cfg), TrainConfig(model=cfg), {"epoch": 1},
-                             items_file=root / "items.parquet")
-    return root
-
-
 def test_deploy_swaps_the_model_under_load_without_a_failed_request(tmp_path, ray_tmp):
-    v1, v2 = _model(tmp_path / "v1", 1), _model(tmp_path / "v2", 2)
+    v1, v2 = tiny_model(tmp_path / "v1", 1), tiny_model(tmp_path / "v2", 2)
     gcs, http = _free_port(), _free_port()
     # as tests/pipeline/test_cluster_job.py: the cluster and its clients share the token in ~/.ray/auth_token
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYSREC_PROGRESS": "0", "RAY_AUTH_MODE": "token"}
