@@ -100,13 +100,13 @@ def content_knn(data: Path, share: float, seed: int, last: int = 5) -> dict[str,
     vectors = torch.from_numpy(text_vectors(prepared.items, prepared.num_items)).float()
     cold = held_out_items(prepared.num_items, share, seed)
     examples = evaluation_examples(without_items(prepared.read(), cold), 50, "test")
-    rows = np.flatnonzero(cold[examples.target_ids[:, -1]])
+    rows = np.flatnonzero(cold[examples.targets()])
     examples = subset(examples, rows)
     inputs = torch.from_numpy(examples.input_ids[:, -last:])                            # (R, last), 0-padded
     counts = (inputs > 0).sum(1, keepdim=True).clamp(min=1)
     profile = vectors[inputs].sum(1) / counts                                         # (R, d) mean text vector
     scores = profile @ vectors.T                                                      # (R, N+1)
-    targets = torch.from_numpy(examples.target_ids[:, -1])
+    targets = torch.from_numpy(examples.targets())
     history = history_matrix(examples, np.arange(len(rows)))
     out = {}
     for part, allowed in (("full", None), ("new", torch.from_numpy(cold))):

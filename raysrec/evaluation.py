@@ -251,7 +251,7 @@ class CheckpointEvaluator:
             raise ConfigError("candidates='cold' needs targets='cold' and the full protocol")
         examples = evaluation_examples(self.seqs, self.model.cfg.max_length, split)
         if cold is not None and targets != "all":
-            is_cold = cold[examples.target_ids[:, -1]]
+            is_cold = cold[examples.targets()]
             examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
         allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
         totals = evaluate(self.model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=self.device,

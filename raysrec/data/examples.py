@@ -19,42 +19,90 @@ Split = Literal["train", "valid", "test"]
 
 @dataclasses.dataclass
 class Examples:
-    """Padded next-item examples: ``input_ids[b, t]`` is followed by ``target_ids[b, t]``.
+    """Next-item rows over a :class:`SequenceSet`, cut from its CSR arrays only when a batch is built.
 
-    For training every position has a target; for evaluation only the last one does (earlier
-    targets are 0). ``history_*`` hold each row's full history (CSR) for masking seen items.
+    A row is a window of one user's sequence: the items ``[stop - count - 1, stop - 1)`` (absolute
+    positions in ``seqs.items``) are followed by ``[stop - count, stop)``. A row costs 20 bytes whatever
+    ``max_length`` is, so a worker's memory grows with its events, not with its windows (a padded
+    (N, L) matrix of ids and times costs 32 x L bytes a row: 1.6 KB at L = 50).
+
+    Training rows (``last_only=False``) have a target at every position. Evaluation rows
+    (``last_only=True``) have one, the newest, and carry their full history ``[user start, target)``
+    for masking seen items. Batches are left-padded (index 0), so position -1 is the newest item.
     """
 
-    input_ids: np.ndarray      # (N, L) int64, 0 = padding (left)
-    target_ids: np.ndarray     # (N, L) int64, 0 = no target
-    input_times: np.ndarray    # (N, L) float64
-    target_times: np.ndarray   # (N, L) float64
-    user_index: np.ndarray     # (N,) int32
-    history_offsets: Optional[np.ndarray] = None
-    history_items: Optional[np.ndarray] = None
+    seqs: SequenceSet
+    max_length: int
+    stop: np.ndarray           # (N,) int64: one past the row's newest target
+    count: np.ndarray          # (N,) int32: positions in the row (targets, or history shown, for evaluation)
+    owner: np.ndarray          # (N,) int32: local user of the row
+    last_only: bool = False
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.stop)
+
+    def subset(self, rows: np.ndarray) -> Examples:
+        return dataclasses.replace(self, stop=self.stop[rows], count=self.count[rows], owner=self.owner[rows])
+
+    @property
+    def user_index(self) -> np.ndarray:
+        return self.seqs.user_index[self.owner]
+
+    def targets(self) -> np.ndarray:
+        """(N,) the newest target of every row (an evaluation row's only one)."""
+        return self.seqs.items[self.stop - 1].astype(np.int64)
+
+    def batch(self, idx: np.ndarray, with_history: bool = False) -> dict[str, np.ndarray]:
+        """Rows ``idx`` as left-padded (B, L) arrays; ``history`` (B, H), right-padded, if asked."""
+        length = self.max_length
+        stop, count = self.stop[idx], self.count[idx].astype(np.int64)
+        col = np.arange(length)
+        shown = col >= length - count[:, None]                                  # (B, L) non-padding
+        at = np.where(shown, stop[:, None] - length + col, 0)                    # absolute target positions
+        items, times = self.seqs.items, self.seqs.times
+        out = {"input_ids": np.where(shown, items[np.maximum(at - 1, 0)], 0).astype(np.int64),
+               "input_times": np.where(shown, times[np.maximum(at - 1, 0)], 0.0)}
+        if self.last_only:
+            out["target_ids"] = np.zeros((len(idx), length), np.int64)
+            out["target_times"] = np.zeros((len(idx), length), np.float64)
+            out["target_ids"][:, -1], out["target_times"][:, -1] = items[stop - 1], times[stop - 1]
+        else:
+            out["target_ids"] = np.where(shown, items[at], 0).astype(np.int64)
+            out["target_times"] = np.where(shown, times[at], 0.0)
+        if with_history:
+            out["history"] = self.history(idx)
+        return out
+
+    def history(self, idx: np.ndarray) -> np.ndarray:
+        """(B, H) right-padded: each row's whole history before its newest target (seen-item masking)."""
+        start = self.seqs.offsets[self.owner[idx]]
+        lengths = self.stop[idx] - 1 - start
+        width = max(1, int(lengths.max()) if len(idx) else 1)
+        col = np.arange(width)
+        inside = col < lengths[:, None]
+        return np.where(inside, self.seqs.items[np.where(inside, start[:, None] + col, 0)], 0).astype(np.int64)
+
+    # The whole set as padded matrices: for tests and small sets (a real epoch goes through ``batch``).
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self.batch(np.arange(len(self)))["input_ids"]
+
+    @property
+    def target_ids(self) -> np.ndarray:
+        return self.batch(np.arange(len(self)))["target_ids"]
+
+    @property
+    def input_times(self) -> np.ndarray:
+        return self.batch(np.arange(len(self)))["input_times"]
+
+    @property
+    def target_times(self) -> np.ndarray:
+        return self.batch(np.arange(len(self)))["target_times"]
 
 
 def subset(examples: Examples, rows: np.ndarray) -> Examples:
-    """The examples at ``rows`` (histories included)."""
-    history_offsets = history_items = None
-    if examples.history_offsets is not None:
-        starts, ends = examples.history_offsets[rows], examples.history_offsets[rows + 1]
-        history_items = np.concatenate([examples.history_items[a:b] for a, b in zip(starts, ends)]) \
-            if len(rows) else np.zeros(0, examples.history_items.dtype)
-        history_offsets = np.concatenate([[0], np.cumsum(ends - starts)])
-    return Examples(examples.input_ids[rows], examples.target_ids[rows], examples.input_times[rows],
-                    examples.target_times[rows], examples.user_index[rows], history_offsets, history_items)
-
-
-def _left_pad(rows: list[np.ndarray], length: int, dtype) -> np.ndarray:
-    out = np.zeros((len(rows), length), dtype)
-    for r, values in enumerate(rows):
-        if len(values):
-            out[r, length - len(values):] = values
-    return out
+    """The examples at ``rows``."""
+    return examples.subset(rows)
 
 
 def training_examples(seqs: SequenceSet, max_length: int, windows: Literal["last", "all"] = "all") -> Examples:
@@ -62,30 +110,16 @@ def training_examples(seqs: SequenceSet, max_length: int, windows: Literal["last
     before the validation cut under a global time split).
 
     ``windows='last'`` keeps the newest ``max_length`` positions per user (the SASRec paper);
-    ``'all'`` also cuts older history into further non-overlapping windows so every training
-    target is used once per epoch.
+    ``'all'`` also cuts older history into further non-overlapping windows, newest first, so every
+    training target is used once per epoch. Vectorised: no Python loop over users or windows.
     """
-    train_end = seqs.positions().train_end
-    inputs, targets, in_t, tg_t, users = [], [], [], [], []
-    for u in range(len(seqs)):
-        lo = seqs.offsets[u]
-        hi = lo + train_end[u]    # train part = [lo, hi)
-        n_targets = hi - lo - 1
-        end = hi
-        while n_targets > 0:
-            take = min(max_length, n_targets)
-            inputs.append(seqs.items[end - take - 1:end - 1])
-            targets.append(seqs.items[end - take:end])
-            in_t.append(seqs.times[end - take - 1:end - 1])
-            tg_t.append(seqs.times[end - take:end])
-            users.append(seqs.user_index[u])
-            end -= take
-            n_targets -= take
-            if windows == "last":
-                break
-    return Examples(_left_pad(inputs, max_length, np.int64), _left_pad(targets, max_length, np.int64),
-                    _left_pad(in_t, max_length, np.float64), _left_pad(tg_t, max_length, np.float64),
-                    np.asarray(users, np.int32))
+    n_targets = np.maximum(seqs.positions().train_end.astype(np.int64) - 1, 0)     # per user
+    per_user = -(-n_targets // max_length) if windows == "all" else (n_targets > 0).astype(np.int64)
+    owner = np.repeat(np.arange(len(seqs), dtype=np.int32), per_user)
+    k = np.arange(len(owner)) - np.repeat(np.cumsum(per_user) - per_user, per_user)  # 0 = newest window
+    stop = seqs.offsets[:-1][owner] + n_targets[owner] + 1 - k * max_length
+    count = np.minimum(max_length, n_targets[owner] - k * max_length).astype(np.int32)
+    return Examples(seqs, max_length, stop.astype(np.int64), count, owner)
 
 
 def evaluation_examples(seqs: SequenceSet, max_length: int, split: Split) -> Examples:
@@ -97,28 +131,10 @@ def evaluation_examples(seqs: SequenceSet, max_length: int, split: Split) -> Exa
     user's first event in the period, after everything before it.
     """
     at = seqs.positions().target(split)
-    users = np.flatnonzero(at >= 0)
-    n = len(users)
-    input_ids = np.zeros((n, max_length), np.int64)
-    input_times = np.zeros((n, max_length), np.float64)
-    target_ids = np.zeros((n, max_length), np.int64)
-    target_times = np.zeros((n, max_length), np.float64)
-    hist_lengths = at[users].astype(np.int64)
-    history = np.zeros(int(hist_lengths.sum()), seqs.items.dtype)
-    h = 0
-    for r, u in enumerate(users):
-        lo = seqs.offsets[u]
-        target = lo + at[u]
-        start = max(lo, target - max_length)
-        k = target - start
-        input_ids[r, max_length - k:] = seqs.items[start:target]
-        input_times[r, max_length - k:] = seqs.times[start:target]
-        target_ids[r, -1] = seqs.items[target]
-        target_times[r, -1] = seqs.times[target]
-        history[h:h + at[u]] = seqs.items[lo:target]
-        h += at[u]
-    return Examples(input_ids, target_ids, input_times, target_times, seqs.user_index[users].copy(),
-                    np.concatenate([[0], np.cumsum(hist_lengths)]), history)
+    owner = np.flatnonzero(at >= 0).astype(np.int32)
+    stop = seqs.offsets[:-1][owner] + at[owner] + 1
+    count = np.minimum(max_length, at[owner]).astype(np.int32)
+    return Examples(seqs, max_length, stop.astype(np.int64), count, owner, last_only=True)
 
 
 def sample_negatives(target_ids: torch.Tensor, num_items: int, num_negatives: int,
@@ -151,25 +167,13 @@ def iterate_batches(examples: Examples, batch_size: int, *, shuffle: bool = Fals
     for step in range(steps):
         idx = mine[np.arange(step * batch_size, (step + 1) * batch_size) % len(mine)] if num_steps is not None \
             else mine[step * batch_size:(step + 1) * batch_size]
-        batch = {
-            "input_ids": torch.from_numpy(examples.input_ids[idx]),
-            "target_ids": torch.from_numpy(examples.target_ids[idx]),
-            "input_times": torch.from_numpy(examples.input_times[idx]),
-            "target_times": torch.from_numpy(examples.target_times[idx]),
-        }
+        batch = {k: torch.from_numpy(v) for k, v in examples.batch(idx, with_history).items()}
         batch["padding_mask"] = batch["input_ids"] != 0
         if num_negatives:
             batch["negative_ids"] = sample_negatives(batch["target_ids"], num_items, num_negatives, generator)
-        if with_history:
-            batch["history"] = history_matrix(examples, idx)
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def history_matrix(examples: Examples, idx: np.ndarray) -> torch.Tensor:
     """(B, H) right-padded matrix of each row's full history, for masking already-seen items."""
-    offsets, items = examples.history_offsets, examples.history_items
-    lengths = offsets[idx + 1] - offsets[idx]
-    out = np.zeros((len(idx), max(1, int(lengths.max()) if len(idx) else 1)), np.int64)
-    for r, u in enumerate(idx):
-        out[r, :lengths[r]] = items[offsets[u]:offsets[u + 1]]
-    return torch.from_numpy(out)
+    return torch.from_numpy(examples.history(idx))

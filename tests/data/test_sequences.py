@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from raysrec.data.examples import evaluation_examples, iterate_batches, sample_negatives, training_examples
+from raysrec.data.split import LEAVE_ONE_OUT, SplitSpec
 from raysrec.data.storage import SequenceSet
 
 
@@ -30,7 +32,7 @@ def test_evaluation_rows_and_histories():
     assert test.input_ids.tolist() == [[3, 4, 5, 6], [0, 8, 9, 1]]
     assert test.target_ids[:, -1].tolist() == [7, 2]
     # history = everything before the target, not only the model's window
-    assert test.history_items[test.history_offsets[0]:test.history_offsets[1]].tolist() == [1, 2, 3, 4, 5, 6]
+    assert test.history(np.array([0]))[0].tolist() == [1, 2, 3, 4, 5, 6]
 
 
 def test_workers_get_disjoint_rows_and_the_same_number_of_steps():
@@ -49,3 +51,63 @@ def test_negatives_never_hit_the_target():
     assert neg.shape == (64, 10, 5)
     assert not (neg == target.unsqueeze(-1)).any() and neg.min() >= 1 and neg.max() <= 3
     assert np.unique(neg.numpy()).tolist() == [1, 2, 3]
+
+
+def _reference_rows(seqs, max_length, windows, split=None):
+    """The padded matrices built the straightforward way (a Python loop per user and window), which the
+    batches cut from the CSR arrays must equal."""
+    pos = seqs.positions()
+    rows = []
+    for u in range(len(seqs)):
+        lo = seqs.offsets[u]
+        if split is None:
+            end, left = lo + pos.train_end[u], pos.train_end[u] - 1
+            while left > 0:
+                take = min(max_length, left)
+                rows.append((seqs.items[end - take - 1:end - 1], seqs.items[end - take:end],
+                             seqs.times[end - take - 1:end - 1], None))
+                end, left = end - take, left - take
+                if windows == "last":
+                    break
+        else:
+            at = pos.target(split)[u]
+            if at < 0:
+                continue
+            t = lo + at
+            start = max(lo, t - max_length)
+            target = np.zeros(t - start, np.int64)
+            target = np.append(target[1:], seqs.items[t]) if len(target) else np.array([seqs.items[t]])
+            rows.append((seqs.items[start:t], target, seqs.times[start:t], seqs.items[lo:t]))
+    return rows
+
+
+def _left(values, length):
+    out = np.zeros(length, np.asarray(values).dtype)
+    if len(values):
+        out[length - len(values):] = values
+    return out
+
+
+@pytest.mark.parametrize("split", [None, "valid", "test"])
+@pytest.mark.parametrize("protocol", ["leave_one_out", "global_time"])
+def test_batches_cut_from_the_csr_arrays_equal_the_padded_rows(split, protocol):
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(3, 40, 60)
+    seq_list = [rng.integers(1, 50, n).tolist() for n in lengths]
+    time_list = [np.sort(rng.uniform(0, 1000, n)).tolist() for n in lengths]
+    spec = SplitSpec("global_time", 400.0, 700.0) if protocol == "global_time" else LEAVE_ONE_OUT
+    s = SequenceSet.from_lists(seq_list, time_list, split=spec)
+    for windows in (["all", "last"] if split is None else ["all"]):
+        examples = (training_examples(s, 7, windows) if split is None else evaluation_examples(s, 7, split))
+        reference = _reference_rows(s, 7, windows, split)
+        assert len(examples) == len(reference) > 0
+        idx = rng.permutation(len(examples))[:25]
+        batch = examples.batch(idx, with_history=split is not None)
+        for r, i in enumerate(idx):
+            inputs, targets, times, history = reference[i]
+            assert batch["input_ids"][r].tolist() == _left(inputs, 7).tolist()
+            assert batch["target_ids"][r].tolist() == _left(targets, 7).tolist()
+            assert np.array_equal(batch["input_times"][r], _left(np.asarray(times, np.float64), 7))
+            if history is not None:
+                assert batch["history"][r][:len(history)].tolist() == list(history)
+                assert not batch["history"][r][len(history):].any()

@@ -45,7 +45,7 @@ def test_global_time_cut_positions_and_examples():
     assert test.target_ids[:, -1].tolist() == [5, 6]
     # the history is everything before the target, the validation period included; it is the seen-item mask
     assert test.input_ids.tolist() == [[1, 2, 3, 4], [0, 0, 0, 5]]
-    assert test.history_items.tolist() == [1, 2, 3, 4, 5] and test.history_offsets.tolist() == [0, 4, 5]
+    assert test.history(np.arange(2)).tolist() == [[1, 2, 3, 4], [5, 0, 0, 0]]
     # training targets come only from before the validation cut: nothing at t >= 10 is trained on
     train = training_examples(seqs, 4)
     trained = train.target_ids[train.target_ids > 0]
