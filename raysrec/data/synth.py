@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -38,6 +39,8 @@ _CATEGORY_NAMES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "
 _NOUNS = {name: [f"{name} {w}" for w in ("Story", "Road", "City", "Night", "Game", "Return", "Legacy",
                                          "Files", "Show", "Quest", "Hour", "Chronicles")]
           for name in _CATEGORY_NAMES}
+
+_SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("timestamp", pa.int64())])
 
 
 @dataclasses.dataclass
@@ -100,11 +103,23 @@ def generate(cfg: SynthConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     return sim.interactions, sim.items
 
 
-def simulate(cfg: SynthConfig) -> Simulation:
-    """Generate the log and keep the latent variables (for :func:`oracle_ndcg`)."""
-    rng = np.random.default_rng(cfg.seed)
-    n_users, n_items, n_cats = cfg.num_users, cfg.num_items, cfg.num_categories
+@dataclasses.dataclass
+class _World:
+    """Items and users before any event is drawn."""
 
+    item_cat: np.ndarray
+    weight: np.ndarray
+    cat_start: np.ndarray
+    cat_sizes: np.ndarray
+    local_rank: np.ndarray
+    cdf: np.ndarray
+    tastes: np.ndarray
+    taste_w: np.ndarray
+    counts: np.ndarray
+
+
+def _world(cfg: SynthConfig, rng: np.random.Generator) -> _World:
+    n_users, n_items, n_cats = cfg.num_users, cfg.num_items, cfg.num_categories
     # Items: contiguous by category; Zipf popularity inside each category.
     cat_sizes = np.maximum(1, rng.multinomial(n_items - n_cats, rng.dirichlet(np.full(n_cats, 3.0))) + 1)
     cat_start = np.concatenate([[0], np.cumsum(cat_sizes)[:-1]])
@@ -115,10 +130,6 @@ def simulate(cfg: SynthConfig) -> Simulation:
     # Searching cat + u in the concatenated per-category CDFs samples an item of category cat.
     cdf = item_cat + np.concatenate([np.cumsum(weight[item_cat == c]) for c in range(n_cats)])
     cdf[np.r_[cat_start[1:] - 1, n_items - 1]] = np.arange(1, n_cats + 1) - 1e-12
-
-    def sample_items(cats: np.ndarray) -> np.ndarray:
-        return np.minimum(np.searchsorted(cdf, cats + rng.random(len(cats))), n_items - 1)
-
     # Users: long-term tastes over categories (popular categories more often), long-tailed activity.
     cat_pop = rng.dirichlet(np.full(n_cats, 1.0))
     tastes = np.stack([rng.choice(n_cats, cfg.tastes_per_user, replace=False, p=cat_pop) for _ in range(n_users)])
@@ -126,16 +137,26 @@ def simulate(cfg: SynthConfig) -> Simulation:
     activity = rng.lognormal(0.0, 1.0, n_users)
     counts = 5 + np.floor((cfg.num_events - 5 * n_users) * activity / activity.sum()).astype(np.int64)
     np.add.at(counts, rng.choice(n_users, cfg.num_events - counts.sum(), replace=True), 1)
-    user = np.repeat(np.arange(n_users), counts)
+    return _World(item_cat, weight, cat_start, cat_sizes, local_rank, cdf, tastes, taste_w, counts)
+
+
+def _events(cfg: SynthConfig, w: _World, lo: int, hi: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The events of users ``lo..hi-1``, per user in time order; ``anchor`` indexes this chunk's rows."""
+    n_items, n_cats = cfg.num_items, cfg.num_categories
+    counts = w.counts[lo:hi]
+    user = np.repeat(np.arange(lo, hi), counts)
     n = len(user)
     first = np.concatenate([[0], np.cumsum(counts)[:-1]])
     is_user_start = np.zeros(n, bool)
     is_user_start[first] = True
 
+    def sample_items(cats: np.ndarray) -> np.ndarray:
+        return np.minimum(np.searchsorted(w.cdf, cats + rng.random(len(cats))), n_items - 1)
+
     def taste_draw(users: np.ndarray) -> np.ndarray:
-        w = taste_w[users]
-        pick = (rng.random(len(users))[:, None] > np.cumsum(w, axis=1)).sum(axis=1)
-        return tastes[users, np.minimum(pick, cfg.tastes_per_user - 1)]
+        tw = w.taste_w[users]
+        pick = (rng.random(len(users))[:, None] > np.cumsum(tw, axis=1)).sum(axis=1)
+        return w.tastes[users, np.minimum(pick, cfg.tastes_per_user - 1)]
 
     # Sessions: geometric lengths; a session's category is long-term (p_long) or a passing interest.
     session_start = is_user_start | (rng.random(n) < 1.0 / cfg.mean_session_length)
@@ -153,25 +174,58 @@ def simulate(cfg: SynthConfig) -> Simulation:
     anchor = np.maximum.accumulate(np.where(follow, 0, np.arange(n)))
     steps = np.arange(n) - anchor
     anchor_item = base[anchor]
-    c = item_cat[anchor_item]
-    walked = cat_start[c] + (local_rank[anchor_item] + steps) % cat_sizes[c]
-    item = np.where(follow & (item_cat[anchor_item] == event_cat), walked, base)
+    c = w.item_cat[anchor_item]
+    walked = w.cat_start[c] + (w.local_rank[anchor_item] + steps) % w.cat_sizes[c]
+    item = np.where(follow & (w.item_cat[anchor_item] == event_cat), walked, base)
 
     # Time: minutes inside sessions, days between them; users start anywhere in a year.
     gaps = np.where(session_start, rng.exponential(2 * 86400.0, n), rng.exponential(180.0, n)) + 1.0
-    gaps[is_user_start] = rng.uniform(0, 365 * 86400.0, n_users)
+    gaps[is_user_start] = rng.uniform(0, 365 * 86400.0, hi - lo)
     t0 = 1_600_000_000.0
     cum = np.cumsum(gaps)
     timestamp = np.floor(t0 + cum - np.repeat(cum[first] - gaps[first], counts)).astype(np.int64)
+    return {"user": user, "item": item, "timestamp": timestamp, "first": first, "session_start": session_start,
+            "session_cat": s_cat[session_id], "anchor": anchor, "base": base}
 
-    interactions = pd.DataFrame({"user_id": user + 1, "item_id": item + 1, "timestamp": timestamp})
-    names = [_CATEGORY_NAMES[i] for i in range(n_cats)]
-    titles = [f"{_ADJECTIVES[(i * 7) % len(_ADJECTIVES)]} {_NOUNS[names[item_cat[i]]][local_rank[i] % 12]} {local_rank[i] + 1}"
-              for i in range(n_items)]
-    items = pd.DataFrame({"item_id": np.arange(1, n_items + 1), "title": titles,
-                          "categories": [names[k] for k in item_cat]})
-    return Simulation(interactions, items, item_cat, weight, cat_start, cat_sizes, tastes, taste_w, first, counts,
-                      session_start, s_cat[session_id], anchor, base)
+
+def _interactions(ev: dict[str, np.ndarray]) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": ev["user"] + 1, "item_id": ev["item"] + 1, "timestamp": ev["timestamp"]})
+
+
+def _items_table(cfg: SynthConfig, w: _World) -> pd.DataFrame:
+    names = [_CATEGORY_NAMES[i] for i in range(cfg.num_categories)]
+    titles = [f"{_ADJECTIVES[(i * 7) % len(_ADJECTIVES)]} {_NOUNS[names[w.item_cat[i]]][w.local_rank[i] % 12]} "
+              f"{w.local_rank[i] + 1}" for i in range(cfg.num_items)]
+    return pd.DataFrame({"item_id": np.arange(1, cfg.num_items + 1), "title": titles,
+                         "categories": [names[k] for k in w.item_cat]})
+
+
+def simulate(cfg: SynthConfig) -> Simulation:
+    """Generate the log in one piece and keep the latent variables (for :func:`oracle_ndcg`)."""
+    rng = np.random.default_rng(cfg.seed)
+    w = _world(cfg, rng)
+    ev = _events(cfg, w, 0, cfg.num_users, rng)
+    return Simulation(_interactions(ev), _items_table(cfg, w), w.item_cat, w.weight, w.cat_start, w.cat_sizes,
+                      w.tastes, w.taste_w, ev["first"], w.counts, ev["session_start"], ev["session_cat"],
+                      ev["anchor"], ev["base"])
+
+
+def generate_chunks(cfg: SynthConfig, max_events: int = 4_000_000) -> tuple[pd.DataFrame, Iterator[pd.DataFrame]]:
+    """``(items, interactions in pieces of whole users, each <= max_events or one user)``: memory stays
+    O(max_events + users + items) however long the log (tens of millions of events for load tests).
+    A log that fits in one piece is event for event the one :func:`generate` returns."""
+    rng = np.random.default_rng(cfg.seed)
+    w = _world(cfg, rng)
+    bounds = np.concatenate([[0], np.cumsum(w.counts)])
+
+    def pieces() -> Iterator[pd.DataFrame]:
+        lo = 0
+        while lo < cfg.num_users:
+            hi = max(lo + 1, int(np.searchsorted(bounds, bounds[lo] + max_events, side="right")) - 1)
+            yield _interactions(_events(cfg, w, lo, min(hi, cfg.num_users), rng))
+            lo = min(hi, cfg.num_users)
+
+    return _items_table(cfg, w), pieces()
 
 
 def oracle_ndcg(cfg: SynthConfig, sim: Simulation, k: int = 10, knows_gap: bool = True) -> dict[str, float]:
@@ -235,13 +289,16 @@ def write(cfg: SynthConfig) -> Path:
     check(bool(cfg.output), "synth.output: an output folder is required")
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    interactions, items = generate(cfg)
+    items, pieces = generate_chunks(cfg)
     if cfg.format == "parquet":
-        pq.write_table(pa.Table.from_pandas(interactions, preserve_index=False), out / "interactions.parquet",
-                       row_group_size=1 << 20)
         pq.write_table(pa.Table.from_pandas(items, preserve_index=False), out / "items.parquet")
+        with pq.ParquetWriter(out / "interactions.parquet", _SCHEMA) as writer:
+            for piece in pieces:
+                writer.write_table(pa.Table.from_pandas(piece, schema=_SCHEMA, preserve_index=False),
+                                   row_group_size=1 << 20)
     else:
-        interactions.to_csv(out / "interactions.csv", index=False)
         items.to_csv(out / "items.csv", index=False)
+        for n, piece in enumerate(pieces):
+            piece.to_csv(out / "interactions.csv", index=False, header=n == 0, mode="w" if n == 0 else "a")
     cfg.save(out / "synth_config.yaml")
     return out

@@ -1,5 +1,6 @@
 """The synthetic generator and its Bayes-optimal bound (:func:`raysrec.data.synth.oracle_ndcg`)."""
 
+import pandas as pd
 import pytest
 
 from raysrec.data.synth import SynthConfig, generate, oracle_ndcg, simulate
@@ -35,3 +36,22 @@ def test_oracle_agrees_with_the_drawn_targets_and_knowing_the_gap_never_hurts():
     assert gap["expected"] > blind["expected"]
     assert gap["expected_session_start"] > blind["expected_session_start"] + 0.1
     assert gap["expected_within_session"] == pytest.approx(blind["expected_within_session"], abs=0.02)
+
+
+def test_a_long_log_is_written_in_pieces_of_whole_users_with_the_same_shape(tmp_path):
+    """Load-test logs are generated in pieces (bounded memory); one piece is generate()'s log exactly."""
+    from raysrec.data.synth import generate_chunks, write
+
+    cfg = SynthConfig(num_users=300, num_items=200, num_events=20_000, seed=4)
+    whole, _ = generate(cfg)
+    _, one = generate_chunks(cfg)
+    assert pd.concat(list(one)).reset_index(drop=True).equals(whole)
+    _, pieces = generate_chunks(cfg, max_events=3_000)
+    pieces = list(pieces)
+    assert len(pieces) >= 6 and all(len(p) <= 3_000 for p in pieces)
+    log = pd.concat(pieces)
+    assert len(log) == 20_000 and log["user_id"].is_monotonic_increasing
+    assert log.groupby("user_id").size().equals(whole.groupby("user_id").size())   # same users, same activity
+    assert log["item_id"].between(1, 200).all()
+    write(cfg.replace(output=str(tmp_path / "log")))
+    assert pd.read_parquet(tmp_path / "log" / "interactions.parquet").equals(whole)
