@@ -159,6 +159,7 @@ class ModelMetrics(Config):
     examples_per_second: float = 0.0     # median over epochs
     model: str = ""
     loss: str = ""
+    item_grads: str = ""                 # sparse or dense item-table updates (train.item_grads)
     num_workers: int = 1
     use_gpu: bool = False
     workers: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # where each worker ran
@@ -290,7 +291,8 @@ def write_model(dest: str | Path, checkpoint: str | Path, data: str, *, source: 
         train_seconds=round(float(train_seconds if train_seconds is not None
                                   else sum(float(r.get("epoch_seconds", 0.0)) for r in history)), 2),
         examples_per_second=round(statistics.median(speeds), 1) if speeds else 0.0,
-        model=cfg.model.name, loss=cfg.loss, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        model=cfg.model.name, loss=cfg.loss, item_grads=str(state.get("item_grads", "")),
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
         workers=list(state.get("workers", [])), cold=scores.get("cold"), search=search)
     _write_json(dest / METRICS_FILE, metrics.to_dict())
     return metrics.to_dict()

@@ -21,7 +21,7 @@ from torch import nn
 
 from raysrec import artifact
 from raysrec.config import redact
-from raysrec.data.examples import evaluation_examples, iterate_batches, training_examples
+from raysrec.data.examples import Examples, evaluation_examples, iterate_batches, training_examples
 from raysrec.data.pipeline import ITEMS_FILE
 from raysrec.data.storage import PreparedData
 from raysrec.errors import ConfigError, InputError, RaysrecError
@@ -29,6 +29,7 @@ from raysrec.evaluation import check_same_items, evaluate, held_out_items, summa
 from raysrec.models import losses
 from raysrec.models.sequential import SequentialRecommender, autocast, build_model
 from raysrec.train.config import VALID_METRIC, TrainConfig, improves
+from raysrec.train.optim import build_optimizer, sparse_item_grads
 from raysrec.train.warm_start import carry_optimizer, match_items, warm_start
 
 
@@ -108,6 +109,15 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData) -> tuple[TrainCon
     return cfg.replace(model=model), vectors
 
 
+def sample_rows(examples: Examples, max_rows: Optional[int], seed: int, rank: int, parts: int) -> Examples:
+    """A fixed, seeded sample of ``max_rows`` rows in all (``parts`` workers holding different rows take
+    their share each), in their order; all of them when ``max_rows`` is unset or not smaller."""
+    share = -(-max_rows // parts) if max_rows else None
+    if share is None or len(examples) <= share:
+        return examples
+    return examples.subset(np.sort(np.random.default_rng([seed, 29, rank]).choice(len(examples), share, replace=False)))
+
+
 def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
     """Train with early stopping on valid NDCG@10; reports every epoch, checkpoints on rank 0."""
     # Every file this worker writes (checkpoints before Ray uploads them, a downloaded resume checkpoint)
@@ -156,14 +166,17 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     rank, world = (0, 1) if by_file else (session.rank, session.world_size)
     max_len = cfg.model.max_length
     train_ex = training_examples(seqs, max_len, cfg.train_windows)
-    valid_ex = evaluation_examples(seqs, max_len, "valid")
+    valid_ex = sample_rows(evaluation_examples(seqs, max_len, "valid"), cfg.valid_max_users, cfg.seed,
+                           session.rank if by_file else 0, session.world_size if by_file else 1)
 
     device = session.device
     if vectors is not None:
         model.set_text_vectors(torch.from_numpy(vectors))
     model = model.to(device)
     excluded = torch.from_numpy(cold).to(device) if cold is not None else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sparse = sparse_item_grads(cfg.item_grads, cfg.loss, cfg.weight_decay, device.type == "cuda") \
+        and not cfg.grad_clip
+    optimizer = build_optimizer(model, model.item_emb, cfg.lr, cfg.weight_decay, sparse)
     state: dict[str, Any] = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
     if resume is not None:
         core, _, saved = artifact.load_checkpoint(resume, map_location=device)
@@ -175,6 +188,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     # Where every worker runs (node, host, pid, device), kept in the checkpoint state and in
     # metrics.json; a restart after a failure appends the new placement.
     state["workers"] = session.workers()
+    state["item_grads"] = "sparse" if sparse else "dense"
     if warm is not None:
         state["init_from"] = {"model": redact(cfg.init_from), **warm, "shrink": cfg.init_shrink,
                               "perturb": cfg.init_perturb, "optimizer": cfg.init_optimizer}
