@@ -253,6 +253,7 @@ class CheckpointEvaluator:
         if cold is not None and targets != "all":
             is_cold = cold[examples.targets()]
             examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
+        examples = examples.sample(cfg.eval_max_users, cfg.seed)
         allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
         totals = evaluate(self.model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=self.device,
                           bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed,

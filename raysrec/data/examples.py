@@ -44,6 +44,14 @@ class Examples:
     def subset(self, rows: np.ndarray) -> Examples:
         return dataclasses.replace(self, stop=self.stop[rows], count=self.count[rows], owner=self.owner[rows])
 
+    def sample(self, max_rows: Optional[int], seed: int, rank: int = 0, parts: int = 1) -> Examples:
+        """A fixed, seeded sample of ``max_rows`` rows in all (``parts`` workers holding different rows take
+        their share each), in their order; all of them when ``max_rows`` is unset or not smaller."""
+        share = -(-max_rows // parts) if max_rows else None
+        if share is None or len(self) <= share:
+            return self
+        return self.subset(np.sort(np.random.default_rng([seed, 29, rank]).choice(len(self), share, replace=False)))
+
     @property
     def user_index(self) -> np.ndarray:
         return self.seqs.user_index[self.owner]

@@ -47,9 +47,9 @@ class TrainConfig(Config):
     patience: int = option(10, 'stop after this many epochs without a better valid NDCG@10')
     train_windows: Literal["all", "last"] = "all"
     eval_batch_size: int = 256
-    valid_max_users: Optional[int] = option(None, "score early stopping on a fixed, seeded sample of this many "
-                                                  "validation users (all when unset): full ranking of a million "
-                                                  "users over a million items is hours on CPU")
+    eval_max_users: Optional[int] = option(None, "valid and test metrics (early stopping, metrics.json) on a fixed, "
+                                                 "seeded sample of this many users (all when unset): full ranking of "
+                                                 "a million users over a million items is hours on CPU")
     eval_chunk_items: int = option(65536, "evaluation scores the catalogue this many items at a time: it never "
                                           "holds more than eval_batch_size x this many scores")
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])
@@ -103,6 +103,6 @@ class TrainConfig(Config):
                   "rows of the batch)")
             check(not (self.use_gpu and self.num_workers > 1),
                   "train.item_grads sparse with several GPU workers: NCCL has no sparse all-reduce; use dense")
-        check(self.valid_max_users is None or self.valid_max_users >= 1, "train.valid_max_users must be >= 1")
+        check(self.eval_max_users is None or self.eval_max_users >= 1, "train.eval_max_users must be >= 1")
         check(self.cold_items == 0.0 or self.loss == "ce",
               "train.cold_items (the cold-start protocol) needs loss ce, which can leave the cold items out")

@@ -21,7 +21,7 @@ from torch import nn
 
 from raysrec import artifact
 from raysrec.config import redact
-from raysrec.data.examples import Examples, evaluation_examples, iterate_batches, training_examples
+from raysrec.data.examples import evaluation_examples, iterate_batches, training_examples
 from raysrec.data.pipeline import ITEMS_FILE
 from raysrec.data.storage import PreparedData
 from raysrec.errors import ConfigError, InputError, RaysrecError
@@ -109,15 +109,6 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData) -> tuple[TrainCon
     return cfg.replace(model=model), vectors
 
 
-def sample_rows(examples: Examples, max_rows: Optional[int], seed: int, rank: int, parts: int) -> Examples:
-    """A fixed, seeded sample of ``max_rows`` rows in all (``parts`` workers holding different rows take
-    their share each), in their order; all of them when ``max_rows`` is unset or not smaller."""
-    share = -(-max_rows // parts) if max_rows else None
-    if share is None or len(examples) <= share:
-        return examples
-    return examples.subset(np.sort(np.random.default_rng([seed, 29, rank]).choice(len(examples), share, replace=False)))
-
-
 def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
     """Train with early stopping on valid NDCG@10; reports every epoch, checkpoints on rank 0."""
     # Every file this worker writes (checkpoints before Ray uploads them, a downloaded resume checkpoint)
@@ -166,8 +157,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     rank, world = (0, 1) if by_file else (session.rank, session.world_size)
     max_len = cfg.model.max_length
     train_ex = training_examples(seqs, max_len, cfg.train_windows)
-    valid_ex = sample_rows(evaluation_examples(seqs, max_len, "valid"), cfg.valid_max_users, cfg.seed,
-                           session.rank if by_file else 0, session.world_size if by_file else 1)
+    valid_ex = evaluation_examples(seqs, max_len, "valid").sample(
+        cfg.eval_max_users, cfg.seed, session.rank if by_file else 0, session.world_size if by_file else 1)
 
     device = session.device
     if vectors is not None:

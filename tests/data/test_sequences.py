@@ -111,3 +111,13 @@ def test_batches_cut_from_the_csr_arrays_equal_the_padded_rows(split, protocol):
             if history is not None:
                 assert batch["history"][r][:len(history)].tolist() == list(history)
                 assert not batch["history"][r][len(history):].any()
+
+
+def test_metrics_can_be_scored_on_a_fixed_seeded_sample_of_users():
+    rows = evaluation_examples(SequenceSet.from_lists([[1, 2, 3, u % 7 + 1] for u in range(100)]), 5, "valid")
+    picked = rows.sample(10, 3, 0, 1)
+    assert len(picked) == 10 and np.array_equal(picked.owner, np.sort(picked.owner))
+    assert np.array_equal(picked.owner, rows.sample(10, 3, 0, 1).owner)     # fixed
+    assert not np.array_equal(picked.owner, rows.sample(10, 4, 0, 1).owner)
+    assert len(rows.sample(10, 3, 1, 2)) == 5                               # a worker's share
+    assert rows.sample(None, 3, 0, 1) is rows and rows.sample(500, 3, 0, 1) is rows

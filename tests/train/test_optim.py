@@ -106,18 +106,3 @@ def test_the_optimizer_is_one_group_in_model_order():
     opt = AdamWSparseTable(model.parameters(), [model.item_emb.weight], lr=1e-3)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == list(model.parameters())
 
-
-def test_validation_can_score_a_fixed_seeded_sample_of_users():
-    import numpy as np
-
-    from raysrec.data.examples import evaluation_examples
-    from raysrec.data.storage import SequenceSet
-    from raysrec.train.loop import sample_rows
-
-    rows = evaluation_examples(SequenceSet.from_lists([[1, 2, 3, u % 7 + 1] for u in range(100)]), 5, "valid")
-    picked = sample_rows(rows, 10, seed=3, rank=0, parts=1)
-    assert len(picked) == 10 and np.array_equal(picked.owner, np.sort(picked.owner))
-    assert np.array_equal(picked.owner, sample_rows(rows, 10, seed=3, rank=0, parts=1).owner)     # fixed
-    assert not np.array_equal(picked.owner, sample_rows(rows, 10, seed=4, rank=0, parts=1).owner)
-    assert len(sample_rows(rows, 10, seed=3, rank=1, parts=2)) == 5                               # a worker's share
-    assert sample_rows(rows, None, 3, 0, 1) is rows and sample_rows(rows, 500, 3, 0, 1) is rows

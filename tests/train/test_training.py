@@ -57,9 +57,10 @@ def test_ray_train_two_workers_writes_a_complete_output(ray_local, synth_prepare
 def test_two_ddp_workers_all_reduce_the_sparse_item_rows(ray_local, synth_prepared, tmp_path):
     """Sampled softmax: the table's gradient is sparse, DDP (gloo) all-reduces the rows, lazy Adam applies them."""
     cfg = TrainConfig(data=str(synth_prepared), output=str(tmp_path / "out"), model=SMALL, epochs=2, num_workers=2,
-                      cpus_per_worker=1, loss="sampled", num_negatives=50)
+                      cpus_per_worker=1, loss="sampled", num_negatives=50, eval_max_users=150)
     saved = fit(cfg)
     assert saved["item_grads"] == "sparse" and [w["rank"] for w in saved["workers"]] == [0, 1]
+    assert saved["valid"]["rows"] == saved["test"]["rows"] == 150      # eval_max_users: a seeded sample of users
     assert saved["test"]["hr@10"] > 0.1                 # random: ~0.05 over 200 items
 
 
