@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from raysrec.models.sequential import ModelConfig
 from raysrec.ray_utils import ensure_ray
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.environ.get("RAYSREC_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
 REFERENCE = {"ndcg@10": 0.0436, "hr@10": 0.0827}
 RUNS = [f"{data}/{model}/{loss}" for data in ("ml-100k", "synthetic") for model in ("sasrec", "longshort")
-        for loss in ("ce", "sampled", "bce")]
+        for loss in ("ce", "sampled", "gbce", "bce")]
 
 
 def prepared(kind: str, work: Path) -> Path:
@@ -71,7 +72,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", default=RUNS, help=f"subset of {RUNS}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig overrides for every run (e.g. lr=0.002 batch_size=256), recorded per row")
     args, results = run_options(parser, "accuracy")
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
 
     if not args.table_only:
         ensure_ray(num_cpus=args.num_cpus)
@@ -80,34 +84,51 @@ def main() -> None:
             data_kind, model, loss = run.split("/")
             data = prepared(data_kind, work)
             for seed in args.seeds:
-                cfg = TrainConfig(data=str(data), output=str(work / "runs" / run / f"seed{seed}"),
+                tag = "".join(f"-{k}{v}" for k, v in overrides.items())
+                cfg = TrainConfig(data=str(data), output=str(work / "runs" / f"{run}{tag}" / f"seed{seed}"),
                                   model=ModelConfig(name=model), loss=loss, seed=seed, epochs=args.epochs,
-                                  patience=args.patience, cpus_per_worker=args.num_cpus)
+                                  patience=args.patience, cpus_per_worker=args.num_cpus).replace(**overrides)
                 started = time.time()
                 metrics = fit(cfg)
                 row = {"data": data_kind, "model": model, "loss": loss, "seed": seed,
                        "test_ndcg@10": metrics["test"]["ndcg@10"], "test_hr@10": metrics["test"]["hr@10"],
                        "test_mrr@10": metrics["test"]["mrr@10"], "valid_ndcg@10": metrics["valid"]["ndcg@10"],
                        "epochs": metrics["epochs"], "best_epoch": metrics["best_epoch"],
-                       "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.time() - started, 1)}
+                       "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.time() - started, 1),
+                       "seconds_to_best": seconds_to_best(Path(cfg.output)), "resolved_loss": metrics["loss"],
+                       "overrides": overrides}
                 with results.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
     table(results)
 
 
+def seconds_to_best(model_dir: Path) -> float:
+    """Wall seconds of training up to the end of the best epoch (time to accuracy, early stopping's extra
+    epochs left out)."""
+    history = pd.read_csv(model_dir / "history.csv")
+    return round(float(history.loc[history["epoch"] <= history["best_epoch"].iloc[-1], "epoch_seconds"].sum()), 1)
+
+
 def table(results: Path) -> None:
     frame = pd.read_json(results, lines=True)
-    grouped = frame.groupby(["data", "model", "loss"]).agg(
-        seeds=("seed", "count"), ndcg=("test_ndcg@10", "mean"), ndcg_std=("test_ndcg@10", "std"),
-        hr=("test_hr@10", "mean"), mrr=("test_mrr@10", "mean"), epochs=("epochs", "mean"),
-        seconds=("train_seconds", "mean")).reset_index()
-    print("\n| data | model | loss | seeds | test NDCG@10 (mean ± sd) | HR@10 | MRR@10 | epochs | train s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for column, default in (("seconds_to_best", float("nan")), ("overrides", None)):
+        if column not in frame:
+            frame[column] = default
+    frame["recipe"] = frame["loss"] + frame["overrides"].map(
+        lambda o: "".join(f" {k}={v}" for k, v in o.items()) if isinstance(o, dict) else "")
+    grouped = frame.groupby(["data", "model", "recipe"]).agg(
+        loss=("loss", "first"), seeds=("seed", "count"), ndcg=("test_ndcg@10", "mean"),
+        ndcg_std=("test_ndcg@10", "std"), hr=("test_hr@10", "mean"), mrr=("test_mrr@10", "mean"),
+        epochs=("epochs", "mean"), seconds=("train_seconds", "mean"), to_best=("seconds_to_best", "mean")
+    ).reset_index()
+    print("\n| data | model | recipe | seeds | test NDCG@10 (mean ± sd) | HR@10 | MRR@10 | epochs | train s | s to best |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in grouped.itertuples():
         sd = f" ± {r.ndcg_std:.4f}" if r.seeds > 1 else ""
-        print(f"| {r.data} | {r.model} | {r.loss} | {r.seeds} | {r.ndcg:.4f}{sd} | {r.hr:.4f} | {r.mrr:.4f} | "
-              f"{r.epochs:.0f} | {r.seconds:.0f} |")
+        print(f"| {r.data} | {r.model} | {r.recipe} | {r.seeds} | {r.ndcg:.4f}{sd} | {r.hr:.4f} | {r.mrr:.4f} | "
+              f"{r.epochs:.0f} | {r.seconds:.0f} | {r.to_best:.0f} |")
+    grouped = grouped[grouped.recipe == grouped.loss]          # the comparisons below: default settings only
     ml = grouped[(grouped.data == "ml-100k") & (grouped.model == "sasrec") & (grouped.loss == "ce")]
     if len(ml):
         print(f"\nML-100K sasrec/ce vs the plain reference: NDCG@10 {ml.ndcg.iloc[0] / REFERENCE['ndcg@10']:.2f}x, "

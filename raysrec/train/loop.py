@@ -90,14 +90,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_model_config(cfg: TrainConfig, data: PreparedData) -> tuple[TrainConfig, Optional[np.ndarray]]:
-    """Fill what the data decides (item count, text vector size, whether there are real timestamps); the
-    text vectors if used.
+def resolve_model_config(cfg: TrainConfig, data: PreparedData,
+                         device_type: str = "cpu") -> tuple[TrainConfig, Optional[np.ndarray]]:
+    """Fill what the data and the device decide (item count, text vector size, whether there are real
+    timestamps, the loss ``auto`` stands for); the text vectors if used.
 
     Without real timestamps (e.g. SASRec text files, where the line order is the time order), the time
     gaps of the long/short model would be line-ordinal differences read as seconds: they are switched off.
     """
     model = {**cfg.model.to_dict(), "num_items": data.num_items}
+    loss = losses.resolve_loss(cfg.loss, data.num_items, device_type, bool(cfg.cold_items))
+    if loss == "ce" and cfg.item_grads == "sparse":
+        raise ConfigError(f"train.item_grads sparse needs a sampled loss, and loss {cfg.loss} is ce for "
+                          f"{data.num_items:,} items")
     if not data.has_timestamps:
         model["use_time_gap"] = False
     vectors = None
@@ -106,7 +111,7 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData) -> tuple[TrainCon
 
         vectors = text_vectors(data.items, data.num_items, where=data.root)
         model["text_dim"] = int(vectors.shape[1])
-    return cfg.replace(model=model), vectors
+    return cfg.replace(model=model, loss=loss), vectors
 
 
 def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     error = None
     try:
         data = PreparedData.load(cfg.data)
-        cfg, vectors = resolve_model_config(cfg, data)
+        cfg, vectors = resolve_model_config(cfg, data, session.device.type)
         files = data.shard_files()
         # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
         by_file = len(files) >= session.world_size

@@ -215,3 +215,17 @@ def test_a_corrupt_shard_ends_the_run_once_in_one_line(synth_prepared, tmp_path)
     # group; worker log lines can be lost when the driver exits, never added)
     assert output.count("Setting up process group") <= 2, output[-3000:]
     assert elapsed < 120, elapsed
+
+
+@pytest.mark.parametrize("limit,expected,grads", [(10**9, "ce", "dense"), (0, "sampled", "sparse")])
+def test_loss_auto_is_decided_by_the_catalogue_and_saved_resolved(synth_prepared, tmp_path, monkeypatch, limit,
+                                                                   expected, grads):
+    from raysrec.models import losses
+
+    monkeypatch.setitem(losses.CE_MAX_ITEMS, "cpu", limit)       # the rule's threshold, either side of 200 items
+    session = LocalSession(tmp_path / "best")
+    session.verbose = False
+    state = train_loop(TrainConfig(data=str(synth_prepared), model=SMALL, epochs=1, loss="auto", num_negatives=20),
+                       session)
+    _, saved_cfg, saved_state = ckpt.load_checkpoint(tmp_path / "best")
+    assert saved_cfg.loss == expected and state["item_grads"] == saved_state["item_grads"] == grads
