@@ -3,6 +3,8 @@ PyTorch's cross-entropy over the allowed items, label smoothing included."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,16 +71,50 @@ def test_gbce_by_hand():
     hidden = torch.randn(6, D)
     targets = torch.tensor([1, 2, 3, 4, 5, 7])
     negatives = torch.tensor([7, 9, 11])                     # 7 is row 5's own target: an accidental hit
-    pos = (hidden * model.item_rows(targets)).sum(-1)
-    neg = hidden @ model.item_rows(negatives).T
     hit = negatives.unsqueeze(0) == targets.unsqueeze(-1)
-    bce = (-F.logsigmoid(pos) - F.logsigmoid(-neg).masked_fill(hit, 0.0).sum(-1)).mean()
-    torch.testing.assert_close(gbce(model, hidden, targets, negatives, t=0.0), bce)     # t = 0: plain BCE
+
+    def by_hand(beta):
+        shift = math.log(beta / 3)                           # where the loss is least at equal scores
+        pos = (hidden * model.item_rows(targets)).sum(-1) + shift
+        neg = hidden @ model.item_rows(negatives).T + shift
+        return (-beta * F.logsigmoid(pos) - F.logsigmoid(-neg).masked_fill(hit, 0.0).sum(-1)).mean()
+
+    torch.testing.assert_close(gbce(model, hidden, targets, negatives, t=0.0), by_hand(1.0))  # t = 0: plain BCE
     alpha = 3 / (N - 1)
     assert gbce_beta(3, N, 1.0) == pytest.approx(alpha) and gbce_beta(3, N, 0.0) == pytest.approx(1.0)
-    beta = gbce_beta(3, N, 0.75)
-    calibrated = (-beta * F.logsigmoid(pos) - F.logsigmoid(-neg).masked_fill(hit, 0.0).sum(-1)).mean()
-    torch.testing.assert_close(gbce(model, hidden, targets, negatives, t=0.75), calibrated)
+    torch.testing.assert_close(gbce(model, hidden, targets, negatives, t=0.75), by_hand(gbce_beta(3, N, 0.75)))
+
+
+def test_gbce_shift_is_where_the_loss_is_least_at_equal_scores():
+    """A fresh model scores every item near 0; the shift makes that the loss's resting point, so the first
+    steps do not spend themselves pushing every score down together."""
+    from raysrec.models.losses import gbce_shift
+
+    beta, k = 0.36, 256
+    s = torch.linspace(-12, 0, 12001)
+    loss = -beta * F.logsigmoid(s) - k * F.logsigmoid(-s)
+    assert float(s[loss.argmin()]) == pytest.approx(gbce_shift(beta, k), abs=0.01)
+
+
+def test_gbce_with_per_position_picks_from_the_pool_equals_a_loop_over_positions():
+    from raysrec.models.losses import gbce, gbce_beta
+
+    model = _model()
+    hidden = torch.randn(3, D)
+    targets = torch.tensor([2, 9, 4])
+    pool = torch.tensor([9, 5, 6, 2])
+    pick = torch.tensor([[0, 1], [0, 2], [3, 3]])            # row 1 picks its own target (9): masked
+    beta = gbce_beta(2, N, 0.75)
+    shift = math.log(beta / 2)
+    want = []
+    for r in range(3):
+        h = hidden[r]
+        term = -beta * F.logsigmoid(h @ model.item_rows(targets[r]) + shift)
+        for j in pick[r]:
+            if pool[j] != targets[r]:
+                term = term - F.logsigmoid(-(h @ model.item_rows(pool[j]) + shift))
+        want.append(term)
+    torch.testing.assert_close(gbce(model, hidden, targets, pool, t=0.75, pick=pick), torch.stack(want).mean())
 
 
 def test_in_batch_negatives_join_the_sampled_ones_with_accidental_hits_masked():
