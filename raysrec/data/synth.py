@@ -20,8 +20,8 @@ the last event can. That is the gap the long/short-term model is meant to close.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import numpy as np

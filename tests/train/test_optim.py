@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from raysrec.errors import ConfigError
 from raysrec.train.config import TrainConfig
 from raysrec.train.optim import AdamWSparseTable, build_optimizer, sparse_item_grads
-from raysrec.errors import ConfigError
 
 
 class Tiny(nn.Module):
