@@ -11,15 +11,15 @@ Per size (events : items, users = events / 50):
    ``sampled`` (item_grads auto: sparse) and ``gbce``;
 4. **evaluate**: full-ranking validation (chunked over the catalogue, history masked) of 2,000 users:
    users/s;
-5. with ``--epoch``: one whole epoch through ``raysrec train`` (Ray Train, loss sampled, metrics on 10,000
-   users) and, with ``--serve``, ``raysrec serve`` on the trained model, exact and HNSW: QPS and p50/p99 at
+5. with ``--epoch``: one whole epoch through ``raysrec train`` (Ray Train, ``--epoch-loss``, sampled unless
+   told, metrics on 10,000 users) and, with ``--serve``, ``raysrec serve`` on the trained model, exact and HNSW: QPS and p50/p99 at
    concurrency 1 and 32 (``bench/loadgen.py``) and the recall@10 ``GET /model`` reports.
 
 Every stage runs in its own process; "peak GiB" is the machine's used memory (MemTotal - MemAvailable,
 so Ray's workers and object store count) above what it was when the stage started, sampled every 0.5 s.
 
     python bench/scale.py [--sizes 1m:10k 10m:100k 50m:1m] [--losses ce ce-plain sampled gbce]
-                          [--epoch 50m:1m] [--serve] [--workdir DIR]
+                          [--epoch 50m:1m [--epoch-loss gbce] [--epoch-lr 0.001]] [--serve] [--workdir DIR]
     python bench/scale.py --serve-model MODEL_DIR [--ef-search 512]
 """
 
@@ -235,6 +235,8 @@ def main() -> None:
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--epoch", nargs="*", default=[], help="sizes to train one whole epoch on")
+    parser.add_argument("--epoch-loss", default="sampled", help="the loss of the --epoch run")
+    parser.add_argument("--epoch-lr", type=float, help="the learning rate of the --epoch run (default: train's)")
     parser.add_argument("--serve", action="store_true", help="after --epoch: Serve exact vs HNSW on its model")
     parser.add_argument("--serve-model", help="only measure Serve (exact vs HNSW) on this trained model folder")
     parser.add_argument("--ef-search", type=int, default=512)
@@ -280,12 +282,14 @@ def main() -> None:
                             str(args.eval_users if loss == "sampled" else 0)], log)
             record({**base, "stage": "train", **run, **(last_json(log) if run["rc"] == 0 else {})})
         if size in args.epoch:
-            model = folder / "model"
-            log = folder / "epoch.log"
-            run = measured(["raysrec", "train", "--data", str(prepared), "-o", str(model), "--loss", "sampled",
-                            "--epochs", "1", "--eval-max-users", "10000"], log)
+            model = folder / f"model-{args.epoch_loss}"
+            log = folder / f"epoch-{args.epoch_loss}.log"
+            lr = ["--lr", str(args.epoch_lr)] if args.epoch_lr else []
+            run = measured(["raysrec", "train", "--data", str(prepared), "-o", str(model), "--loss", args.epoch_loss,
+                            *lr, "--epochs", "1", "--eval-max-users", "10000"], log)
             metrics = json.loads((model / "metrics.json").read_text()) if run["rc"] == 0 else {}
-            record({**base, "stage": "epoch", **run, "examples_per_second": metrics.get("examples_per_second"),
+            record({**base, "stage": "epoch", "loss": args.epoch_loss, "lr": args.epoch_lr, **run,
+                    "examples_per_second": metrics.get("examples_per_second"),
                     "train_seconds": metrics.get("train_seconds"), "test": metrics.get("test")})
             if args.serve and run["rc"] == 0:
                 for retrieval in ("exact", "hnsw"):

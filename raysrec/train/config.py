@@ -26,7 +26,7 @@ class TrainConfig(Config):
     loss: Literal["auto", "ce", "sampled", "bce", "gbce"] = option(
         "auto", "auto: ce up to a catalogue size, sampled above (README, 'Choosing the loss'); ce: full softmax; sampled: "
               "sampled softmax with logQ correction; bce: one negative (SASRec paper); gbce: gSASRec's generalised BCE")
-    num_negatives: int = 256        # sampled and gbce: negatives per batch
+    num_negatives: int = 256        # sampled: negatives shared by the batch; gbce: per position (from a pool of 4x)
     in_batch_negatives: bool = False  # sampled: the batch's other targets are negatives too
     gbce_t: float = 0.75            # gbce calibration (0: plain BCE, 1: fully calibrated)
     negative_sampling: Literal["uniform", "popularity"] = "popularity"
