@@ -48,12 +48,12 @@ def main() -> None:
             exact = Recommender.load(args.model, retrieval="exact")
             n, ids, counts = exact.num_items, exact.item_ids, exact.counts
             p = (counts + 1.0) / (counts + 1.0).sum()
-            draw = lambda rng=rng, n=n, ids=ids, p=p: [ids[i].item() for i in rng.choice(n, 8, p=p)]                   # noqa: E731
+            draw = lambda rng=rng, n=n, ids=ids, p=p: [ids[i].item() for i in rng.choice(n, 8, p=p)]  # noqa: E731
         else:
             torch.manual_seed(0)
             model = build_model(ModelConfig(num_items=n, hidden_dim=64, num_heads=2, num_layers=2, max_length=50))
             ids, counts = np.arange(1, n + 1), np.arange(n, 0, -1, dtype=np.int64)
-            draw = lambda rng=rng, n=n: [int(x) for x in rng.integers(1, n + 1, 8)]                      # noqa: E731
+            draw = lambda rng=rng, n=n: [int(x) for x in rng.integers(1, n + 1, 8)]                   # noqa: E731
             exact = Recommender(model, ids, None, counts, {"version": "bench"}, retrieval="exact")
         batches = [[Query(history=draw(), k=10) for _ in range(64)] for _ in range(args.batches)]
         exact_s = timed(exact, batches)

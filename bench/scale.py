@@ -12,8 +12,8 @@ Per size (events : items, users = events / 50):
 4. **evaluate**: full-ranking validation (chunked over the catalogue, history masked) of 2,000 users:
    users/s;
 5. with ``--epoch``: one whole epoch through ``raysrec train`` (Ray Train, ``--epoch-loss``, sampled unless
-   told, metrics on 10,000 users) and, with ``--serve``, ``raysrec serve`` on the trained model, exact and HNSW: QPS and p50/p99 at
-   concurrency 1 and 32 (``bench/loadgen.py``) and the recall@10 ``GET /model`` reports.
+   told, metrics on 10,000 users) and, with ``--serve``, ``raysrec serve`` on the trained model, exact and
+   HNSW: QPS and p50/p99 at concurrency 1 and 32 (``bench/loadgen.py``) and the recall@10 ``GET /model`` reports.
 
 Every stage runs in its own process; "peak GiB" is the machine's used memory (MemTotal - MemAvailable,
 so Ray's workers and object store count) above what it was when the stage started, sampled every 0.5 s.

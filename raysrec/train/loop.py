@@ -75,9 +75,7 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
         loss = losses.sampled_softmax(core, h, targets, negatives.to(h.device), log_q, out.id_keep,
                                       in_batch=cfg.in_batch_negatives)
     elif cfg.loss == "gbce":
-        pool_size = losses.GBCE_POOL_FACTOR * cfg.num_negatives
-        pool = torch.randint(1, core.cfg.num_items + 1, (pool_size,), device=h.device, generator=generator)
-        pick = torch.randint(0, pool_size, (len(targets), cfg.num_negatives), device=h.device, generator=generator)
+        pool, pick = losses.gbce_negatives(core.cfg.num_items, cfg.num_negatives, len(targets), h.device, generator)
         loss = losses.gbce(core, h, targets, pool, cfg.gbce_t, out.id_keep, pick=pick)
     else:
         loss = losses.bce_one_negative(core, h, targets, batch["negative_ids"][valid][:, 0], out.id_keep)
