@@ -209,7 +209,7 @@ def table() -> None:
     for size in sizes:
         gen, prep = latest.get((size, "generate", None, None), {}), latest.get((size, "prepare", None, None), {})
         ev = latest.get((size, "train", "sampled", None), {})
-        users = ev.get("users", "")
+        users = gen.get("users", prep.get("users", 0))   # every stage's row has them; sampled may not have run
         print(f"| {size} | {users:,} | {gen.get('seconds')} / {gen.get('peak_gib')} | {prep.get('seconds')} / "
               f"{prep.get('peak_gib')} | {ev.get('eval_users_per_second', '')} |")
     losses = list(dict.fromkeys(r["loss"] for r in rows if r["stage"] == "train"))
@@ -231,11 +231,13 @@ def table() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["1m:10k", "10m:100k", "50m:1m"], help="EVENTS:ITEMS")
-    parser.add_argument("--losses", nargs="+", default=["ce", "ce-plain", "sampled", "gbce"])
+    parser.add_argument("--losses", nargs="+", default=["ce", "ce-plain", "sampled", "gbce"],
+                        choices=["ce", "ce-plain", "sampled", "gbce", "bce"])
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--epoch", nargs="*", default=[], help="sizes to train one whole epoch on")
-    parser.add_argument("--epoch-loss", default="sampled", help="the loss of the --epoch run")
+    parser.add_argument("--epoch-loss", default="sampled", choices=["auto", "ce", "sampled", "bce", "gbce"],
+                        help="the loss of the --epoch run")
     parser.add_argument("--epoch-lr", type=float, help="the learning rate of the --epoch run (default: train's)")
     parser.add_argument("--serve", action="store_true", help="after --epoch: Serve exact vs HNSW on its model")
     parser.add_argument("--serve-model", help="only measure Serve (exact vs HNSW) on this trained model folder")
