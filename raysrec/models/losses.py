@@ -66,18 +66,22 @@ def ce_kernel(requested: CeKernel, device: torch.device, label_smoothing: float 
 def full_softmax_ce(model: SequentialRecommender, hidden: torch.Tensor, targets: torch.Tensor,
                     label_smoothing: float = 0.0, excluded: Optional[torch.Tensor] = None,
                     id_keep: Optional[torch.Tensor] = None, chunk_items: int = 0,
-                    kernel: Literal["torch", "cce"] = "torch") -> torch.Tensor:
+                    kernel: CeKernel = "torch") -> torch.Tensor:
     """Cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023): the default.
 
     Items that take no part in the softmax: padding (index 0) and ``excluded`` (N+1,) bool, the items
     outside the training catalogue (cold-start protocol), so training never learns anything about them.
     Label smoothing spreads its mass over the allowed items only.
 
-    ``chunk_items > 0`` scores the catalogue that many items at a time and recomputes the logits in the
-    backward pass (:class:`ChunkedLogSumExp`): extra memory O(positions x chunk) instead of O(positions x
-    catalogue), same values and gradients.
+    ``kernel``: ``torch`` is :func:`softmax_ce`, in fp32 whatever autocast says; ``chunk_items > 0`` scores the
+    catalogue that many items at a time and recomputes the logits in the backward pass
+    (:class:`ChunkedLogSumExp`): extra memory O(positions x chunk) instead of O(positions x catalogue), same
+    values and gradients. ``cce`` is :func:`cce_softmax_ce`, the fused kernel (checked by :func:`ce_kernel`: no
+    label smoothing, no excluded items).
     """
     table = model.item_vectors(id_keep)                                           # (N+1, d)
+    if kernel == "cce":
+        return cce_softmax_ce(hidden, table, targets)
     allowed = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
     allowed[0] = False
     if excluded is not None:
@@ -85,38 +89,45 @@ def full_softmax_ce(model: SequentialRecommender, hidden: torch.Tensor, targets:
     return softmax_ce(hidden, table, targets, allowed, label_smoothing, chunk_items)
 
 
+def fp32(device: torch.device):
+    """Autocast off: what runs inside computes in the inputs' dtype (the losses cast them to fp32 first)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def softmax_ce(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor,
                label_smoothing: float = 0.0, chunk_items: int = 0) -> torch.Tensor:
     """Mean over rows of ``lse - (1-eps) * s_target - eps * mean_allowed(s)``, ``s = hidden @ table.T``
     restricted to ``allowed``: cross-entropy with label smoothing ``eps`` over the allowed items.
 
-    hidden (P, d), table (N+1, d), targets (P,), allowed (N+1,) bool. Computed in fp32.
+    hidden (P, d), table (N+1, d), targets (P,), allowed (N+1,) bool. Computed in fp32 with autocast off, so
+    a bf16 run's loss is the fp32 loss of its (bf16-computed) hidden states, forward and backward alike.
     """
-    hidden, table = hidden.float(), table.float()
-    if chunk_items and chunk_items < table.shape[0]:
-        lse = ChunkedLogSumExp.apply(hidden, table, allowed, chunk_items)        # (P,)
-    else:
-        lse = torch.logsumexp((hidden @ table.T).masked_fill(~allowed, float("-inf")), dim=1)
-    target = (hidden * table[targets]).sum(-1)                                    # (P,)
-    loss = lse - target
-    if label_smoothing:
-        mean_logit = hidden @ table[allowed].mean(0)                              # (P,): linear in the table
-        loss = lse - (1.0 - label_smoothing) * target - label_smoothing * mean_logit
-    return loss.mean()
+    with fp32(hidden.device):
+        hidden, table = hidden.float(), table.float()
+        if chunk_items and chunk_items < table.shape[0]:
+            lse = ChunkedLogSumExp.apply(hidden, table, allowed, chunk_items)        # (P,)
+        else:
+            lse = torch.logsumexp((hidden @ table.T).masked_fill(~allowed, float("-inf")), dim=1)
+        target = (hidden * table[targets]).sum(-1)                                    # (P,)
+        loss = lse - target
+        if label_smoothing:
+            mean_logit = hidden @ table[allowed].mean(0)                              # (P,): linear in the table
+            loss = lse - (1.0 - label_smoothing) * target - label_smoothing * mean_logit
+        return loss.mean()
 
 
 def cce_softmax_ce(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Full CE over items 1..N (padding left out) with Cut Cross-Entropy's fused kernel: logits are computed
-    block by block in on-chip memory, forward and backward. Inputs are cast to the autocast dtype (bf16 in
-    a bf16 run), the log-sum-exp is accumulated in fp32 by the kernel."""
+    block by block in on-chip memory, forward and backward. Inputs are cast to bf16 (its backward takes
+    bf16/fp16 only; :func:`ce_kernel` allows it in bf16 runs only), the log-sum-exp is accumulated in fp32 by
+    the kernel."""
     from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415  (optional extra, CUDA only)
 
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
     # filter_eps=None: no gradient filtering. By default CCE skips blocks whose softmax is below ~2.4e-4 (made
     # for peaked LLM vocabularies); an item softmax can be flat (1/N ~ 1e-6 at 1M items), where that would drop
     # most of the negatives' gradient. Unfiltered is half as fast on an H100 (bench/ce_memory.py) and exact.
-    return linear_cross_entropy(hidden.to(dtype), table[1:].to(dtype), targets - 1, reduction="mean",
-                                filter_eps=None)
+    return linear_cross_entropy(hidden.to(torch.bfloat16), table[1:].to(torch.bfloat16), targets - 1,
+                                reduction="mean", filter_eps=None)
 
 
 class ChunkedLogSumExp(torch.autograd.Function):
@@ -141,12 +152,13 @@ class ChunkedLogSumExp(torch.autograd.Function):
         hidden, table, allowed, lse = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden)
         grad_table = torch.zeros_like(table)
-        for start in range(0, table.shape[0], ctx.chunk):
-            rows = table[start:start + ctx.chunk]
-            logits = (hidden @ rows.T).masked_fill_(~allowed[start:start + ctx.chunk], float("-inf"))
-            weights = torch.exp(logits - lse[:, None]) * grad_lse[:, None]        # (P, chunk) softmax x grad
-            grad_hidden += weights @ rows
-            grad_table[start:start + ctx.chunk] = weights.T @ hidden
+        with fp32(hidden.device):       # the same fp32 logits as the forward, whatever the caller's autocast
+            for start in range(0, table.shape[0], ctx.chunk):
+                rows = table[start:start + ctx.chunk]
+                logits = (hidden @ rows.T).masked_fill_(~allowed[start:start + ctx.chunk], float("-inf"))
+                weights = torch.exp(logits - lse[:, None]) * grad_lse[:, None]    # (P, chunk) softmax x grad
+                grad_hidden += weights @ rows
+                grad_table[start:start + ctx.chunk] = weights.T @ hidden
         return grad_hidden, grad_table, None, None
 
 

@@ -28,7 +28,7 @@ from raysrec.errors import ConfigError, InputError, RaysrecError
 from raysrec.evaluation import check_same_items, evaluate, held_out_items, summarize, without_items
 from raysrec.models import losses
 from raysrec.models.sequential import SequentialRecommender, autocast, build_model
-from raysrec.train.config import VALID_METRIC, TrainConfig, improves
+from raysrec.train.config import BEST_SCORE, NOT_BEST, VALID_METRIC, TrainConfig, improves
 from raysrec.train.optim import build_optimizer, sparse_item_grads
 from raysrec.train.warm_start import carry_optimizer, match_items, warm_start
 
@@ -58,29 +58,37 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
                  log_q: Optional[torch.Tensor], generator: Optional[torch.Generator],
                  excluded: Optional[torch.Tensor] = None, ce_kernel: str = "torch") -> torch.Tensor:
     """One batch's training loss (+ the auxiliary loss when the model has one and it is weighted);
-    ``ce_kernel`` from :func:`losses.ce_kernel`."""
+    ``ce_kernel`` from :func:`losses.ce_kernel`.
+
+    The model runs under bf16 autocast when ``cfg.bf16`` (on CUDA); the loss head runs with autocast off, on
+    fp32 hidden states and item rows, so every logit, log-sum-exp and gradient of the loss is fp32 (the fused
+    kernel casts its inputs to bf16 itself)."""
     core = unwrap(model)
-    out = model(batch, train_outputs=True, aux=cfg.aux_loss_weight > 0)
+    device = batch["input_ids"].device
+    with autocast(device, cfg.bf16):
+        out = model(batch, train_outputs=True, aux=cfg.aux_loss_weight > 0)
     valid = batch["target_ids"] > 0
-    h, targets = out.hidden[valid], batch["target_ids"][valid]                # (P, d), (P,)
-    if cfg.loss == "ce":
-        loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded, out.id_keep,
-                                      chunk_items=cfg.ce_chunk_items, kernel=ce_kernel)
-    elif cfg.loss == "sampled":
-        n = core.cfg.num_items
-        if log_q is None:
-            negatives = torch.randint(1, n + 1, (cfg.num_negatives,), device=h.device, generator=generator)
+    with losses.fp32(device):
+        h, targets = out.hidden[valid].float(), batch["target_ids"][valid]          # (P, d), (P,)
+        if cfg.loss == "ce":
+            loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded, out.id_keep,
+                                          chunk_items=cfg.ce_chunk_items, kernel=ce_kernel)
+        elif cfg.loss == "sampled":
+            n = core.cfg.num_items
+            if log_q is None:
+                negatives = torch.randint(1, n + 1, (cfg.num_negatives,), device=h.device, generator=generator)
+            else:
+                negatives = torch.multinomial(log_q.exp(), cfg.num_negatives, replacement=True, generator=generator)
+            loss = losses.sampled_softmax(core, h, targets, negatives.to(h.device), log_q, out.id_keep,
+                                          in_batch=cfg.in_batch_negatives)
+        elif cfg.loss == "gbce":
+            pool, pick = losses.gbce_negatives(core.cfg.num_items, cfg.num_negatives, len(targets), h.device,
+                                               generator)
+            loss = losses.gbce(core, h, targets, pool, cfg.gbce_t, out.id_keep, pick=pick)
         else:
-            negatives = torch.multinomial(log_q.exp(), cfg.num_negatives, replacement=True, generator=generator)
-        loss = losses.sampled_softmax(core, h, targets, negatives.to(h.device), log_q, out.id_keep,
-                                      in_batch=cfg.in_batch_negatives)
-    elif cfg.loss == "gbce":
-        pool, pick = losses.gbce_negatives(core.cfg.num_items, cfg.num_negatives, len(targets), h.device, generator)
-        loss = losses.gbce(core, h, targets, pool, cfg.gbce_t, out.id_keep, pick=pick)
-    else:
-        loss = losses.bce_one_negative(core, h, targets, batch["negative_ids"][valid][:, 0], out.id_keep)
-    if out.aux is not None:
-        loss = loss + cfg.aux_loss_weight * out.aux
+            loss = losses.bce_one_negative(core, h, targets, batch["negative_ids"][valid][:, 0], out.id_keep)
+        if out.aux is not None:
+            loss = loss + cfg.aux_loss_weight * out.aux.float()
     return loss
 
 
@@ -133,7 +141,9 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
         by_file = len(files) >= session.world_size
         seqs = data.read(files[session.rank::session.world_size] if by_file else files)
-        resume = session.latest_checkpoint(scratch) or (Path(cfg.resume_from) if cfg.resume_from else None)
+        resume = session.latest_checkpoint(scratch)       # a restarted worker's, or the resumed Ray run's
+        if resume is None and cfg.resume_from:
+            resume = artifact.fetch(cfg.resume_from, scratch / "resume-from")[0].checkpoint
         if resume is not None:
             check_same_items(artifact.item_ids(resume), data, str(resume))
         model, warm, warm_optim = build_model(cfg.model), None, None
@@ -216,8 +226,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         for batch in iterate_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
                                      world_size=world, num_steps=steps, num_items=data.num_items,
                                      num_negatives=1 if cfg.loss == "bce" else 0, device=device):
-            with autocast(device, cfg.bf16):
-                loss = compute_loss(model, batch, cfg, log_q, generator, excluded, kernel)
+            loss = compute_loss(model, batch, cfg, log_q, generator, excluded, kernel)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -240,6 +249,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         if improved:
             state.update(best=metrics[VALID_METRIC], best_epoch=epoch + 1)
         metrics["best_" + VALID_METRIC] = state["best"]
+        metrics[BEST_SCORE] = metrics[VALID_METRIC] if improved else NOT_BEST
         metrics["best_epoch"] = state["best_epoch"]
         metrics["eta_seconds"] = (cfg.epochs - epoch - 1) * metrics["epoch_seconds"]
         state["history"].append(metrics)
