@@ -67,27 +67,44 @@ def full_ranking_ranks_chunked(hidden: torch.Tensor, table: torch.Tensor, target
                                history: Optional[torch.Tensor], allowed: Optional[torch.Tensor] = None,
                                chunk_items: int = 65536) -> torch.Tensor:
     """:func:`full_ranking_ranks` of ``hidden @ table.T`` without the (B, N+1) score matrix: the items are
-    scored ``chunk_items`` at a time, so memory is O(B x chunk). hidden (B, d), table (N+1, d)."""
-    hidden, table = hidden.float(), table.float()
-    rows = torch.arange(len(targets), device=hidden.device)
-    target_score = (hidden * table[targets]).sum(-1, keepdim=True)                # (B, 1)
+    scored ``chunk_items`` at a time, so memory is O(B x chunk). hidden (B, d), table (N+1, d).
+
+    The tie rule needs equal items to get equal scores. An fp32 matmul does not promise that: BLAS kernels for
+    other widths (the last chunk's, a chunk of 100 columns) and for the edge columns of one matmul round
+    differently, and so did the element-wise product the target's score came from (with all item vectors
+    equal, 110 of 256 targets ranked below N-1, some at 0). So scores are accumulated in fp64 and rounded to
+    fp32: two fp64 sums of the same products differ by a few fp64 ulps and round to the same fp32 value (about
+    1.5x the fp32 time on CPU). And the target's score is read from the matmul that scores its competitors:
+    rows are taken in groups by the chunk their target falls in, that chunk is scored first, then the other
+    chunks of the same rows; every row and chunk is still scored once.
+    """
+    hidden = hidden.double()
     ranks = torch.zeros(len(targets), dtype=torch.long, device=hidden.device)
-    for start in range(0, table.shape[0], chunk_items):
-        scores = hidden @ table[start:start + chunk_items].T                      # (B, c)
-        width = scores.shape[1]
-        competes = torch.ones_like(scores, dtype=torch.bool)
-        if allowed is not None:
-            competes &= allowed[start:start + width].to(scores.device)
-        if start == 0:
-            competes[:, 0] = False                                                # padding
-        if history is not None:
-            local = history - start
-            inside = (history > 0) & (local >= 0) & (local < width)
-            r, c = torch.nonzero(inside, as_tuple=True)
-            competes[r, local[r, c]] = False
-        here = (targets >= start) & (targets < start + width)                    # the target is no competitor
-        competes[rows[here], targets[here] - start] = False
-        ranks += ((scores >= target_score) & competes).sum(1)
+    starts = list(range(0, table.shape[0], chunk_items))
+    target_chunk = torch.div(targets, chunk_items, rounding_mode="floor")
+    for home in torch.unique(target_chunk).tolist():
+        rows = torch.nonzero(target_chunk == home).squeeze(1)
+        h, t = hidden[rows], targets[rows]
+        hist = history[rows] if history is not None else None
+        target_score = None
+        for start in [starts[home]] + [s for s in starts if s != starts[home]]:
+            scores = (h @ table[start:start + chunk_items].double().T).float()    # (b, c), see above
+            width = scores.shape[1]
+            if target_score is None:                                             # the target's own chunk
+                target_score = scores.gather(1, (t - start)[:, None])            # (b, 1)
+            competes = torch.ones_like(scores, dtype=torch.bool)
+            if allowed is not None:
+                competes &= allowed[start:start + width].to(scores.device)
+            if start == 0:
+                competes[:, 0] = False                                            # padding
+            if hist is not None:
+                local = hist - start
+                inside = (hist > 0) & (local >= 0) & (local < width)
+                r, c = torch.nonzero(inside, as_tuple=True)
+                competes[r, local[r, c]] = False
+            if start == starts[home]:                                            # the target is no competitor
+                competes[torch.arange(len(t), device=t.device), t - start] = False
+            ranks[rows] += ((scores >= target_score) & competes).sum(1)
     return ranks
 
 

@@ -146,3 +146,19 @@ def test_sampled_candidates_by_rejection_are_distinct_and_never_seen():
         for row, seen in zip(candidates.tolist(), history.tolist()):
             negatives = row[1:]
             assert len(set(negatives)) == 20 and not set(negatives) & {0, row[0], *seen}
+
+
+@pytest.mark.parametrize("chunk", [65536, 300, 7])
+def test_equal_items_rank_the_target_last_in_the_chunked_ranks(chunk):
+    """All item vectors equal: every competitor ties with the target, so the pessimistic rule ranks every target
+    last (N - 1). The target's score used to come from an element-wise product and sum while competitors came
+    from a matmul; their last bits differed and 110 of 256 rows ranked lower, some at 0."""
+    from raysrec.evaluation import full_ranking_ranks_chunked
+
+    g = torch.Generator().manual_seed(0)
+    num_items, dim = 1000, 64
+    hidden = torch.randn(256, dim, generator=g)
+    table = torch.randn(1, dim, generator=g).repeat(num_items + 1, 1)
+    targets = torch.randint(1, num_items + 1, (256,), generator=g)
+    ranks = full_ranking_ranks_chunked(hidden, table, targets, None, None, chunk)
+    assert torch.equal(ranks, torch.full_like(ranks, num_items - 1))
