@@ -129,22 +129,29 @@ def _group_shard(events: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"shard": [shard], "counts": [json.dumps(counts)], "sequences": [_to_blob(sequences)]})
 
 
+def _shard_times(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    table = _from_blob(batch["sequences"][0])
+    times = pc.list_flatten(table.column("timestamps")).to_numpy(zero_copy_only=False) if table.num_rows else []
+    return {"times": [np.asarray(times, np.float64)]}
+
+
 def _filter_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array], user_k: int,
-                  min_length: int) -> dict[str, Any]:
+                  min_length: int, train_before: Optional[float]) -> dict[str, Any]:
     shard = int(batch["shard"][0])
     table = _from_blob(batch["sequences"][0])
-    table, _ = transforms.filter_sequences(table, allowed, user_k, min_length)
-    counts = transforms.item_counts(table)
+    table, _ = transforms.filter_sequences(table, allowed, user_k, min_length, train_before)
+    counts = transforms.item_counts(table, train_before)
     return {"shard": [shard], "item_ids": [counts.index.to_numpy()], "item_counts": [counts.to_numpy()],
             "users": [table.column("user").to_numpy(zero_copy_only=False)]}
 
 
 def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
                     user_k: int, min_length: int, item_vocab: pd.Index, user_vocab: pd.Index,
-                    max_length: Optional[int], users_as_int: bool, with_times: bool) -> dict[str, Any]:
+                    max_length: Optional[int], users_as_int: bool, split: SplitSpec) -> dict[str, Any]:
     shard = int(batch["shard"][0])
     table = _from_blob(batch["sequences"][0])
-    table, counts = transforms.filter_sequences(table, allowed, user_k, min_length)
+    train_before = split.valid_from if split.protocol == "global_time" else None
+    table, counts = transforms.filter_sequences(table, allowed, user_k, min_length, train_before)
     final, truncated = transforms.finalize_sequences(table, item_vocab, user_vocab, max_length)
     counts.update(truncated)
     if users_as_int:
@@ -154,9 +161,17 @@ def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
     item_count = np.bincount(flat, minlength=len(item_vocab) + 1)
     lengths = np.diff(final.column("sequence").combine_chunks().offsets.to_numpy()) if final.num_rows else np.zeros(0)
     times = pc.list_flatten(final.column("timestamps")).to_numpy(zero_copy_only=False) \
-        if with_times and final.num_rows else np.zeros(0, np.float64)
+        if final.num_rows else np.zeros(0, np.float64)
+    # the training events' count per item (the sampled softmax's popularity proposal must not see held-out events)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    train_end = split.positions(offsets, times).train_end
+    in_train = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths.astype(np.int64)) < np.repeat(train_end, lengths.astype(np.int64))
+    train_count = np.bincount(flat[in_train], minlength=len(item_vocab) + 1)
+    if split.protocol != "global_time":
+        times = np.zeros(0, np.float64)
     return {"shard": [shard], "file": [name if final.num_rows else ""], "counts": [json.dumps(counts)],
-            "item_count": [item_count], "lengths": [lengths.astype(np.int64)], "times": [times.astype(np.float64)],
+            "item_count": [item_count], "train_count": [train_count], "lengths": [lengths.astype(np.int64)],
+            "times": [times.astype(np.float64)],
             "data": [_to_blob(final) if final.num_rows else b""]}
 
 
@@ -247,23 +262,35 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
         counts.update(json.loads(row["counts"]))
     rows_read = sum(counts.values())
     if counts["kept"] == 0:
-        raise InputError(f"no interaction left after reading and cleaning ({dict(+counts)}); "
-                         "check the separator, the rating filter and the id columns", path=cfg.source.path)
+        hint = ("; --on-bad-row error names the first malformed line and field" if counts["malformed_row"] else "")
+        raise InputError(f"no interaction left after reading and cleaning ({dict(+counts)}); check the "
+                         f"separator, the rating filter and the id and time columns{hint}", path=cfg.source.path)
     shard_ds = grouped
 
-    # 3: k-core / minimum length, iterated to a fixed point on the item set.
+    # 3a: a global time split's cuts come first, from the times of every cleaned event, so that the filters and
+    # the vocabulary below can see the training period only.
+    split = SplitSpec()
+    if cfg.split.protocol == "global_time":
+        all_times = [r["times"] for r in shard_ds.map_batches(_shard_times, batch_size=1).take_all()]
+        split = SplitSpec("global_time", *cfg.split.cuts(np.concatenate(all_times)))
+        del all_times
+    train_before = split.valid_from if split.protocol == "global_time" else None
+
+    # 3b: k-core / minimum length, iterated to a fixed point on the item set. Under a global time split the item
+    # k-core, the user k-core and the vocabulary count training events only (Ji et al., TOIS 2023: filters that
+    # see the test period leak it): an item first seen after the cut is not in the vocabulary.
     user_k = cfg.user_k_core
     min_length = cfg.min_sequence_length
     allowed: Optional[pa.Array] = None
     for _ in range(100):
         rows = shard_ds.map_batches(_filter_shard, batch_size=1, fn_kwargs={
-            "allowed": allowed, "user_k": user_k, "min_length": min_length}).take_all()
+            "allowed": allowed, "user_k": user_k, "min_length": min_length, "train_before": train_before}).take_all()
         per_shard = [pd.Series(r["item_counts"], index=r["item_ids"]) for r in rows if len(r["item_ids"])]
         if not per_shard:
             break
         totals = pd.concat(per_shard).groupby(level=0).sum()
         keep = totals[totals >= max(cfg.item_k_core, 1)].index.to_numpy()
-        if len(keep) == len(totals) or cfg.item_k_core <= 1:
+        if len(keep) == len(totals) or (cfg.item_k_core <= 1 and train_before is None):
             break
         allowed = _ids_array(keep, source.id_kind)
     users = np.concatenate([r["users"] for r in rows])
@@ -280,7 +307,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     for row in shard_ds.map_batches(_finalize_shard, batch_size=1, fn_kwargs={
             "allowed": allowed, "user_k": user_k, "min_length": min_length, "item_vocab": item_vocab,
             "user_vocab": user_vocab, "max_length": cfg.max_sequence_length, "users_as_int": users_as_int,
-            "with_times": cfg.split.protocol == "global_time"}).iter_rows():
+            "split": split}).iter_rows():
         if row["file"]:        # streamed: the driver holds one finished shard at a time
             (tmp / SEQUENCES_DIR / row["file"]).write_bytes(row["data"])
         rows.append({k: v for k, v in row.items() if k not in ("data", "times")})
@@ -289,6 +316,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     for row in rows:
         final_counts.update(json.loads(row["counts"]))
     item_count = np.sum([r["item_count"] for r in rows], axis=0)
+    train_count = np.sum([r["train_count"] for r in rows], axis=0)
     lengths = np.concatenate([r["lengths"] for r in rows])
     dropped = Counter({k: v for k, v in counts.items() if k != "kept"})
     dropped.update(final_counts)
@@ -299,7 +327,6 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     if cfg.split.protocol == "global_time":
         times = np.concatenate(times_parts)
-        split = SplitSpec("global_time", *cfg.split.cuts(times))
         splits = split.accounting(offsets, times)
         if splits["test_users"] == 0 or splits["valid_users"] == 0:
             raise InputError(f"prepare.split: no user has a {'test' if splits['test_users'] == 0 else 'validation'} "
@@ -308,7 +335,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     else:
         splits = SplitSpec().accounting(offsets, np.zeros(int(offsets[-1])))
 
-    _write_items(tmp, source, cfg.source, item_vocab, item_count)
+    _write_items(tmp, source, cfg.source, item_vocab, item_count, train_count)
     cfg.save(tmp / CONFIG_FILE)
     shard_files = sorted((r["file"], int(len(r["lengths"])), int(np.sum(r["lengths"]))) for r in rows if r["file"])
     return {
@@ -343,12 +370,14 @@ def _vocabulary(ids: np.ndarray, id_auto: bool) -> tuple[pd.Index, bool]:
 
 
 def _write_items(out: Path, source: ResolvedSource, source_cfg: SourceConfig, item_vocab: pd.Index,
-                 item_count: np.ndarray) -> None:
+                 item_count: np.ndarray, train_count: np.ndarray) -> None:
+    """``items.parquet``: index, original id, ``count`` (every kept event: what serving's popularity fallback
+    ranks by) and ``train_count`` (training events only: the sampled softmax's popularity proposal)."""
     ids = item_vocab.to_numpy()
     if source.id_auto:
         ids = transforms.ids_as_ints_if_possible(ids)
     items = pd.DataFrame({"item_index": np.arange(1, len(ids) + 1, dtype=np.int32), "item_id": ids,
-                          "count": item_count[1:].astype(np.int64)})
+                          "count": item_count[1:].astype(np.int64), "train_count": train_count[1:].astype(np.int64)})
     meta = read_item_metadata(source, source_cfg)
     if meta is not None:
         meta = meta.set_index("item_id")
@@ -361,5 +390,5 @@ def _write_items(out: Path, source: ResolvedSource, source_cfg: SourceConfig, it
     table = pa.Table.from_pandas(items, preserve_index=False)
     table = table.cast(pa.schema([
         ("item_index", pa.int32()), ("item_id", pa.int64() if ids.dtype.kind in "iu" else pa.string()),
-        ("count", pa.int64()), ("title", pa.string()), ("categories", pa.string())]))
+        ("count", pa.int64()), ("train_count", pa.int64()), ("title", pa.string()), ("categories", pa.string())]))
     pq.write_table(table, out / ITEMS_FILE)

@@ -49,6 +49,9 @@ class DropReason(enum.IntEnum):
     USER_BELOW_K_CORE = 6
     USER_TOO_SHORT = 7
     TRUNCATED = 8
+    # global_time split: an event after the validation cut whose item is not in the training vocabulary (no
+    # training-period event, or fewer than item_k_core): a model trained before the cut cannot know it
+    ITEM_NOT_IN_TRAINING = 9
 
     @property
     def label(self) -> str:
@@ -403,9 +406,34 @@ def _line_starts(data: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_split(source: ResolvedSource, split: Split) -> pa.Table:
-    """Parse one split into the event schema; bad rows raise or are marked MALFORMED_ROW."""
-    if source.format == "parquet":
-        return _read_parquet_split(source, split)
+    """Parse one split into the event schema; bad rows raise or are marked MALFORMED_ROW. Timestamps are in
+    seconds (:func:`epoch_seconds`)."""
+    table = _read_parquet_split(source, split) if source.format == "parquet" else _read_text_split(source, split)
+    if not source.has_timestamp or table.num_rows == 0:
+        return table
+    stamps = table.column("timestamp").to_numpy(zero_copy_only=False)
+    return table.set_column(2, "timestamp", pa.array(epoch_seconds(stamps), pa.float64()))
+
+
+# A Unix time in seconds reaches 1e11 in the year 5138; in milliseconds 1e11 is 1973-03-03, in microseconds
+# 1e14 is 1973 and in nanoseconds 1e17 is 1973. Logs are exported in any of the four (13-digit values are
+# milliseconds: Taobao's UserBehavior in ms, Kafka, JavaScript's Date.now()).
+_TIME_UNITS = ((1e17, 1e9), (1e14, 1e6), (1e11, 1e3))
+
+
+def epoch_seconds(stamps: np.ndarray) -> np.ndarray:
+    """Unix times in seconds, milliseconds, microseconds or nanoseconds (told apart by magnitude, see
+    ``_TIME_UNITS``) -> seconds. NaN (a marked row's missing time) stays NaN."""
+    out = np.asarray(stamps, dtype=np.float64).copy()
+    done = np.zeros(out.shape, bool)
+    for threshold, per_second in _TIME_UNITS:
+        big = ~done & (out >= threshold)
+        out[big] /= per_second
+        done |= big
+    return out
+
+
+def _read_text_split(source: ResolvedSource, split: Split) -> pa.Table:
     data, first = _read_range(source.files[split.file_index], split.start, split.end)
     skip_header = source.has_header and split.start == 0
     if skip_header:

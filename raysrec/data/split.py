@@ -144,7 +144,8 @@ class SplitSpec:
         in_valid = before_test - pos.train_end
         out.update({
             "description": "global time: train = events before valid_from; valid/test = each user's first event "
-                           "at or after valid_from / test_from, predicted from everything before it",
+                           "at or after valid_from / test_from, predicted from everything before it; the k-core "
+                           "filters and the item vocabulary count training events only",
             "valid_from": self.valid_from, "test_from": self.test_from,
             "valid_from_iso": _iso(self.valid_from), "test_from_iso": _iso(self.test_from),
             "events": {"train_period": int(pos.train_end.sum()), "valid_period": int(in_valid.sum()),

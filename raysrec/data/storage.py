@@ -137,7 +137,9 @@ class PreparedData:
         return self.items.sort_values("item_index")["item_id"].to_numpy()
 
     def item_popularity(self) -> np.ndarray:
-        """Interaction count per item index (index 0, padding, gets 0)."""
+        """Training events per item index (index 0, padding, gets 0): no validation or test event counts. Folders
+        prepared before ``train_count`` existed give every kept event."""
         counts = np.zeros(self.num_items + 1, np.int64)
-        counts[self.items["item_index"].to_numpy()] = self.items["count"].to_numpy()
+        column = "train_count" if "train_count" in self.items else "count"
+        counts[self.items["item_index"].to_numpy()] = self.items[column].to_numpy()
         return counts

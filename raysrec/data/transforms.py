@@ -78,7 +78,9 @@ def group_user_sequences(events: pd.DataFrame) -> tuple[pa.Table, Counter]:
 
 
 def _empty_sequences(user_dtype) -> pa.Table:
-    id_type = pa.int64() if np.dtype(user_dtype).kind in "iu" else pa.string()
+    """No user left in this shard (every row of it dropped): an empty table of the same schema. ``user_dtype``
+    may be a pandas extension dtype (``string[pyarrow]``), which numpy cannot interpret."""
+    id_type = pa.int64() if pd.api.types.is_integer_dtype(user_dtype) else pa.string()
     return pa.table({"user": pa.array([], id_type), "items": pa.array([], pa.list_(id_type)),
                      "timestamps": pa.array([], pa.list_(pa.float64()))})
 
@@ -92,11 +94,13 @@ def _take_list_values(column: pa.ChunkedArray | pa.ListArray, keep: np.ndarray, 
 
 
 def filter_sequences(table: pa.Table, allowed_items: Optional[pa.Array], user_k: int,
-                     min_length: int) -> tuple[pa.Table, Counter]:
+                     min_length: int, train_before: Optional[float] = None) -> tuple[pa.Table, Counter]:
     """Drop events of items outside ``allowed_items``, then users shorter than the limits.
 
-    Events are attributed to the first reason that removes them: ITEM_BELOW_K_CORE, then
-    USER_BELOW_K_CORE (``len < user_k``), then USER_TOO_SHORT (``len < min_length``).
+    Events are attributed to the first reason that removes them: ITEM_BELOW_K_CORE (or, at or after
+    ``train_before``, ITEM_NOT_IN_TRAINING), then USER_BELOW_K_CORE, then USER_TOO_SHORT (``len < min_length``).
+    ``train_before`` (a global time split's validation cut): the user k-core counts only the events before it,
+    so no filter sees what happens after the cut; ``min_length`` counts the whole sequence.
     """
     counts: Counter = Counter()
     if table.num_rows == 0:
@@ -105,9 +109,14 @@ def filter_sequences(table: pa.Table, allowed_items: Optional[pa.Array], user_k:
     if allowed_items is not None:
         flat = pc.list_flatten(table.column("items"))
         keep = pc.is_in(flat, value_set=allowed_items).to_numpy(zero_copy_only=False)
-        removed = int((~keep).sum())
-        if removed:
-            counts["item_below_k_core"] += removed
+        removed = ~keep
+        if removed.any():
+            if train_before is not None:
+                late = _flat_times(table) >= train_before
+                counts["item_not_in_training"] += int((removed & late).sum())
+                counts["item_below_k_core"] += int((removed & ~late).sum())
+            else:
+                counts["item_below_k_core"] += int(removed.sum())
             user_of = np.repeat(np.arange(table.num_rows), lengths)
             new_lengths = np.bincount(user_of[keep], minlength=table.num_rows)
             table = pa.table({
@@ -116,7 +125,11 @@ def filter_sequences(table: pa.Table, allowed_items: Optional[pa.Array], user_k:
                 "timestamps": _take_list_values(table.column("timestamps"), keep, new_lengths),
             })
             lengths = new_lengths
-    short_core = lengths < user_k
+    core_lengths = lengths
+    if train_before is not None:
+        user_of = np.repeat(np.arange(table.num_rows), lengths)
+        core_lengths = np.bincount(user_of[_flat_times(table) < train_before], minlength=table.num_rows)
+    short_core = core_lengths < user_k
     counts["user_below_k_core"] += int(lengths[short_core].sum())
     short = ~short_core & (lengths < min_length)
     counts["user_too_short"] += int(lengths[short].sum())
@@ -126,12 +139,21 @@ def filter_sequences(table: pa.Table, allowed_items: Optional[pa.Array], user_k:
     return table, +counts
 
 
-def item_counts(table: pa.Table) -> pd.Series:
-    """Interaction count per item id in a sequences table."""
+def _flat_times(table: pa.Table) -> np.ndarray:
+    return pc.list_flatten(table.column("timestamps")).to_numpy(zero_copy_only=False)
+
+
+def item_counts(table: pa.Table, before: Optional[float] = None) -> pd.Series:
+    """Interaction count per item id in a sequences table; with ``before``, only the events before that time are
+    counted, and every item present is listed (0 for an item with none)."""
     flat = pc.list_flatten(table.column("items"))
-    counts = pc.value_counts(flat)
-    return pd.Series(counts.field("counts").to_numpy(zero_copy_only=False),
-                     index=counts.field("values").to_numpy(zero_copy_only=False), dtype=np.int64)
+    counts = pc.value_counts(flat if before is None else flat.filter(pa.array(_flat_times(table) < before)))
+    series = pd.Series(counts.field("counts").to_numpy(zero_copy_only=False),
+                       index=counts.field("values").to_numpy(zero_copy_only=False), dtype=np.int64)
+    if before is not None:
+        present = pc.unique(flat).to_numpy(zero_copy_only=False)
+        series = series.reindex(present, fill_value=0)
+    return series
 
 
 def sorted_vocabulary(ids: np.ndarray) -> np.ndarray:

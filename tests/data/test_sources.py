@@ -140,3 +140,20 @@ def test_bad_sources_are_refused_before_reading(tmp_path, make, fragment):
     with pytest.raises(InputError) as info:
         resolve_source(SourceConfig(path=str(make(tmp_path))))
     assert fragment in str(info.value)
+
+
+def test_millisecond_and_finer_timestamps_are_read_as_seconds(tmp_path):
+    """A 13-digit Unix time is milliseconds (it was read as seconds, 1000x too far apart); so are 16- and 19-digit
+    microseconds and nanoseconds. Seconds stay as they are."""
+    from raysrec.data.sources import epoch_seconds
+
+    second = 1_569_888_000.0                                   # 2019-10-01 00:00:00 UTC
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp\n"
+                    f"1,2,{int(second)}\n1,3,{int(second * 1e3) + 500}\n1,4,{int(second * 1e6)}\n"
+                    f"1,5,{int(second) * 10**9}\n")
+    source = resolve_source(SourceConfig(path=str(path)))
+    (split,) = plan_splits(source)
+    stamps = read_split(source, split).column("timestamp").to_pylist()
+    assert stamps == [second, second + 0.5, second, second]
+    assert np.isnan(epoch_seconds(np.array([np.nan]))[0])

@@ -102,8 +102,14 @@ def test_prepare_with_a_global_time_split(ray_local, ml100k_dir, tmp_path):
     manifest = prepare(PrepareConfig(source=SourceConfig(path=str(ml100k_dir)), output=str(tmp_path / "p"),
                                      min_sequence_length=1, split=SplitConfig(protocol="global_time")))
     splits = manifest["splits"]
-    assert splits["valid_from"] == np.quantile(t, 0.8, method="lower")
+    assert splits["valid_from"] == np.quantile(t, 0.8, method="lower")      # cut on every cleaned event
     assert splits["test_from"] == np.quantile(t, 0.9, method="lower")
+    # items first seen after the cut are not in the vocabulary; their events are counted, not kept
+    known = set(inter.loc[inter["timestamp:float"] < splits["valid_from"], "item_id:token"])
+    unknown = ~inter["item_id:token"].isin(known)
+    assert manifest["rows_dropped"]["item_not_in_training"] == int(unknown.sum()) > 0
+    inter = inter[~unknown]
+    t = inter["timestamp:float"].to_numpy()
     assert splits["events"] == {"train_period": int((t < splits["valid_from"]).sum()),
                                 "valid_period": int(((t >= splits["valid_from"]) & (t < splits["test_from"])).sum()),
                                 "test_period": int((t >= splits["test_from"]).sum())}
@@ -131,3 +137,41 @@ def test_global_time_needs_timestamps(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert "global_time needs a timestamp column" in out.stderr and str(tmp_path / "log.csv") in out.stderr
+
+
+def test_global_time_filters_and_vocabulary_count_training_events_only(ray_local, tmp_path):
+    """The k-cores, the vocabulary and the popularity counts of a time split see events before the validation cut
+    only: an item first seen after it (3) is not in the vocabulary, and one with 2 training events (2) fails an
+    item k-core of 3 although the whole log has 5 of it. Before, both stayed, counted on the whole log."""
+    from raysrec.data.pipeline import PrepareConfig, prepare
+    from raysrec.data.sources import SourceConfig
+
+    events = [(1, 1, 10), (1, 2, 11), (1, 1, 150), (1, 3, 250),
+              (2, 1, 12), (2, 2, 13), (2, 2, 160), (2, 2, 260),
+              (3, 1, 14), (3, 4, 15), (3, 4, 16), (3, 4, 170), (3, 1, 270),
+              (4, 1, 17), (4, 4, 18), (4, 3, 180), (4, 2, 280)]
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events))
+    manifest = prepare(PrepareConfig(
+        source=SourceConfig(path=str(tmp_path / "log.csv")), output=str(tmp_path / "p"), min_sequence_length=1,
+        item_k_core=3, split=SplitConfig(protocol="global_time", valid_time=100, test_time=200)))
+    assert manifest["rows_dropped"]["item_below_k_core"] == 2            # item 2's training events
+    assert manifest["rows_dropped"]["item_not_in_training"] == 5         # items 2 and 3 after the cut
+    assert manifest["rows_kept"] == len(events) - 7
+    data = PreparedData.load(tmp_path / "p")
+    items = data.items.set_index("item_id")
+    assert list(items.index) == [1, 4]
+    assert items["count"].to_dict() == {1: 6, 4: 4}                      # serving's popularity: every kept event
+    assert items["train_count"].to_dict() == {1: 4, 4: 3}                # the sampled softmax's: training events
+    assert list(data.item_popularity()) == [0, 4, 3]
+    assert manifest["splits"]["events"] == {"train_period": 7, "valid_period": 2, "test_period": 1}
+
+
+def test_leave_one_out_popularity_counts_training_positions_only(ray_local, tmp_path):
+    from raysrec.data.pipeline import PrepareConfig, prepare
+    from raysrec.data.sources import SourceConfig
+
+    events = [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 4), (2, 1, 1), (2, 3, 2), (2, 4, 3)]
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in events))
+    prepare(PrepareConfig(source=SourceConfig(path=str(tmp_path / "log.csv")), output=str(tmp_path / "p")))
+    # training positions: user 1's items 1, 2; user 2's item 1 (the last two of each are valid and test)
+    assert list(PreparedData.load(tmp_path / "p").item_popularity()) == [0, 2, 1, 0, 0]

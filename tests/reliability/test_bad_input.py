@@ -49,6 +49,10 @@ FILES = {  # name -> (file name, bytes, extra flags, what the message must say)
     "huge header": ("hugehead.csv", b"x" * (2 << 20), [], "no line break in the first 1 MiB"),
     "too few fields": ("few.csv", HEADER + b"1,2\n", [], "line 2: expected 3 fields"),
     "unknown format": ("x.csv", HEADER + b"1,2,3\n", ["--format", "tiktok"], "invalid choice: 'tiktok'"),
+    # skipped rows: when none is left, one line with the counts per reason (it crashed in Ray Data's shuffle)
+    "every row skipped": ("times.csv", HEADER + b"1,2,2019-10-01 00:00:00 UTC\n3,4,2019-10-01 00:00:01 UTC\n\n",
+                          ["--on-bad-row", "skip"],
+                          "no interaction left after reading and cleaning ({'malformed_row': 2, 'blank_line': 1})"),
 }
 
 
@@ -207,3 +211,34 @@ def test_user_mistakes_are_caught_before_ray_starts(argv, message, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr[-2000:]
+
+
+def test_the_rees46_slice_with_its_string_times_is_refused_in_one_line(ray_local, tmp_path, capsys):
+    """The real shop log: `event_time` is a string today's reader cannot parse, so with --on-bad-row skip every row
+    is skipped; that is said in one line with the counts, exit 2 (it was a TypeError traceback)."""
+    log = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rees46-slice" / "2019-Oct-slice.csv"
+    if not log.is_file():
+        pytest.skip(f"{log} not found")
+    code = main(["prepare", "-i", str(log), "-o", str(tmp_path / "out"), "--user-col", "user_id", "--item-col",
+                 "product_id", "--time-col", "event_time", "--on-bad-row", "skip"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no interaction left after reading and cleaning ({'malformed_row': 17435})" in err, err
+
+
+def test_shards_whose_rows_are_all_skipped_are_empty_not_fatal(ray_local, tmp_path):
+    """Malformed rows land in the shard of the empty user id; with no real user there, that shard is empty."""
+    from raysrec.data.pipeline import PrepareConfig, prepare
+    from raysrec.data.sources import SourceConfig
+    from raysrec.data.transforms import shard_of
+
+    users = [f"u{i}" for i in range(40)]
+    blank_shard = shard_of(pa.array([""]), 8)[0]
+    users = [u for u in users if shard_of(pa.array([u]), 8)[0] != blank_shard][:6]
+    rows = [f"{u},i{(j * 7 + k) % 9},{k}" for j, u in enumerate(users) for k in range(5)]
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\nu0,i1,noon\n")
+    manifest = prepare(PrepareConfig(source=SourceConfig(path=str(path), on_bad_row="skip"),
+                                     output=str(tmp_path / "out"), num_shards=8))
+    assert manifest["rows_read"] == len(rows) + 1 and manifest["rows_kept"] == len(rows)
+    assert manifest["rows_dropped"]["malformed_row"] == 1 and manifest["num_users"] == len(users)
