@@ -147,13 +147,12 @@ def evaluation_examples(seqs: SequenceSet, max_length: int, split: Split) -> Exa
 
 def sample_negatives(target_ids: torch.Tensor, num_items: int, num_negatives: int,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Uniform negatives in 1..num_items, shape (*target.shape, num_negatives), never equal to the target."""
+    """Negatives drawn uniformly from the items other than the target (each with probability 1/(N-1)), shape
+    (*target.shape, num_negatives). A draw from 1..N-1 skips over the target: values at or above it move up one.
+    (Padding positions, target 0, draw from 2..N.)"""
     shape = (*target_ids.shape, num_negatives)
-    neg = torch.randint(1, num_items + 1, shape, generator=generator, device=target_ids.device)
-    clash = neg == target_ids.unsqueeze(-1)
-    if clash.any():  # shift clashes to the next item (stays uniform over the other items)
-        neg = torch.where(clash, neg % num_items + 1, neg)
-    return neg
+    neg = torch.randint(1, max(num_items, 2), shape, generator=generator, device=target_ids.device)
+    return neg + (neg >= target_ids.unsqueeze(-1)).long()
 
 
 def iterate_batches(examples: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,

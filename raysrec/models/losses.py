@@ -169,9 +169,11 @@ def sampled_softmax(model: SequentialRecommender, hidden: torch.Tensor, targets:
 
     ``negatives`` (N,) are drawn from a proposal q (``log_q`` (num_items+1,) its log-probabilities;
     uniform when ``None``); subtracting log q makes the estimate consistent for popularity
-    sampling. With ``in_batch`` the batch's other target items are negatives too (they occur in
-    proportion to popularity, so the same log q corrects them). A negative equal to a row's target
-    is masked (accidental hits), in either set.
+    sampling. With ``in_batch`` the batch's other target items are negatives too: they occur about in
+    proportion to popularity, so with a popularity ``log_q`` the same correction applies to them; with
+    uniform sampling (``log_q`` None) nothing corrects them, and in-batch negatives push popular items
+    down (the popularity bias of uncorrected in-batch softmax, Yi et al., RecSys 2019). A negative equal
+    to a row's target is masked (accidental hits), in either set.
     """
     pos = (hidden * model.item_rows(targets, id_keep)).sum(-1, keepdim=True)            # (P, 1)
     pools = [negatives] + ([torch.unique(targets)] if in_batch else [])

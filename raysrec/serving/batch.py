@@ -38,7 +38,8 @@ class RecommendConfig(Config):
     output: str = option("", "output folder")
     k: int = option(100, "items per user")
     exclude_seen: bool = option(True, "leave the user's history out of their list")
-    now: Optional[float] = option(None, "unix seconds the lists are for (longshort's recency); default: now")
+    now: Optional[float] = option(None, "unix seconds the lists are for (longshort's recency); default: each "
+                                        "user's newest event time")
     batch_size: int = option(1024, "users per model call")
     num_actors: int = option(1, "model replicas (Ray Data actors), each loads the model once")
     cpus_per_actor: float = option(1.0, "CPUs per actor")
@@ -56,7 +57,7 @@ class RecommendConfig(Config):
 class _Answerer:
     """A Ray Data actor: loads the model once, answers batches of histories."""
 
-    def __init__(self, model: str, k: int, exclude_seen: bool, now: float, device: str, torch_threads: int,
+    def __init__(self, model: str, k: int, exclude_seen: bool, now: Optional[float], device: str, torch_threads: int,
                  item_ids: Optional[np.ndarray]) -> None:
         import torch  # noqa: PLC0415
 
@@ -139,7 +140,7 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / CONFIG_FILE)
-    now = cfg.now if cfg.now is not None else time.time()
+    now = cfg.now
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
 
     ensure_ray(num_cpus=num_cpus)

@@ -46,7 +46,7 @@ class HistoryRequest(BaseModel):
                                   description="original item ids, oldest first")
     timestamps: Optional[list[FiniteFloat]] = Field(
         None, max_length=MAX_HISTORY, description="unix seconds of each history item (used by longshort)")
-    now: Optional[FiniteFloat] = Field(None, description="unix seconds of the request; default: server clock")
+    now: Optional[FiniteFloat] = Field(None, description="unix seconds of the request; default: the newest history timestamp")
 
     @model_validator(mode="after")
     def _same_length(self):

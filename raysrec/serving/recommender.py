@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -42,6 +41,8 @@ from raysrec.models.sequential import SequentialRecommender
 from raysrec.serving.ann import HnswIndex, ann_available, recall_at_k
 
 ItemId = int | str
+# HNSW searches k plus at most this many more per row, for the row's excluded items (its history, ``exclude``)
+ANN_MAX_OVERFETCH = 512
 
 
 @dataclasses.dataclass
@@ -53,7 +54,9 @@ class Query:
     exclude_seen: bool = True
     exclude: Sequence[ItemId] = ()
     timestamps: Optional[Sequence[float]] = None   # seconds, one per history item (long/short model)
-    now: Optional[float] = None                     # time of the recommendation; default: wall clock
+    # time of the recommendation; default: the newest history timestamp (a request for a past history must not
+    # meet gaps from its last event to today's clock, which training never saw)
+    now: Optional[float] = None
     candidates: Optional[Sequence[ItemId]] = None   # set for /score
 
 
@@ -201,7 +204,7 @@ class Recommender:
                 t = [float(q.timestamps[p]) for p in positions][-self.max_length:]
             histories.append(known[-self.max_length:])
             times.append(t)
-            nows.append(float(q.now) if q.now is not None else time.time())
+            nows.append(float(q.now) if q.now is not None else max(t) if t else 0.0)
             unknowns.append(unknown)
         answers: list[Optional[Answer]] = [None] * len(queries)
         active = [r for r, h in enumerate(histories) if h]
@@ -238,7 +241,9 @@ class Recommender:
         ks = [max(0, min(q.k, self.num_items - len(b))) for q, b in zip(queries, blocked)]
         if self.ann is None:
             return self._exact_top_k(hidden, blocked, ks)
-        fetch = min(self.num_items, max(k + len(b) for k, b in zip(ks, blocked)))
+        # Over-fetch past each row's excluded items, but at most ANN_MAX_OVERFETCH of them: one user with 10k events
+        # made every row of the micro-batch search 10k wide. A row that comes back short is answered exactly.
+        fetch = min(self.num_items, max(k + min(len(b), ANN_MAX_OVERFETCH) for k, b in zip(ks, blocked)))
         scores, indices = self.ann.search(hidden.cpu().numpy(), fetch)
         out: list[Optional[tuple[list[float], list[int]]]] = []
         short = []

@@ -121,3 +121,19 @@ def test_metrics_can_be_scored_on_a_fixed_seeded_sample_of_users():
     assert not np.array_equal(picked.owner, rows.sample(10, 4, 0, 1).owner)
     assert len(rows.sample(10, 3, 1, 2)) == 5                               # a worker's share
     assert rows.sample(None, 3, 0, 1) is rows and rows.sample(500, 3, 0, 1) is rows
+
+
+def test_bce_negatives_are_uniform_over_the_other_items():
+    """Each item other than the target is drawn with probability 1/(N-1). The clash shift sent a clashing draw to
+    target + 1, which then came up at 2/N."""
+    import torch
+
+    from raysrec.data.examples import sample_negatives
+
+    num_items, target = 10, 5
+    targets = torch.full((9000,), target)
+    neg = sample_negatives(targets, num_items, 10, torch.Generator().manual_seed(0))
+    counts = torch.bincount(neg.flatten(), minlength=num_items + 1)
+    assert counts[0] == 0 and counts[target] == 0
+    others = counts[[i for i in range(1, num_items + 1) if i != target]].double()
+    assert (others - 10_000).abs().max() < 400, others            # 90,000 draws over 9 items; sd ~ 94

@@ -35,3 +35,23 @@ def test_the_cluster_pipeline_config_is_valid_and_uses_the_gpu_workers():
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
     assert cfg.train.use_gpu and cfg.train.num_workers == workers and cfg.train.gpus_per_worker == 1
     assert cfg.prepare.source.path.startswith("s3://") and not cfg.deploy
+
+
+class _NoDuplicates(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"keys given twice: {twice}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def test_no_shipped_yaml_sets_a_key_twice():
+    """serve/config.yaml (the packaged deploy template) set retrieval and ann_min_items twice."""
+    root = DEPLOY.parent
+    files = [p for d in ("jobs", "serve", "tune", "raysrec") for p in (root / d).rglob("*.yaml")]
+    assert root / "raysrec" / "serving" / "deploy.yaml" in files
+    for path in files:
+        yaml.load(path.read_text(), Loader=_NoDuplicates)     # raises on a duplicate

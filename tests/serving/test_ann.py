@@ -54,3 +54,22 @@ def test_a_row_the_graph_cannot_fill_is_answered_exactly(model):
 def test_auto_switches_at_the_catalogue_size(model):
     assert _rec(model, retrieval="auto", ann_min_items=N + 1).ann is None
     assert _rec(model, retrieval="auto", ann_min_items=N).ann is not None
+
+
+def test_one_long_history_does_not_widen_every_rows_search(model):
+    """The search width is k plus at most ANN_MAX_OVERFETCH excluded items per row: a user with 3,000 seen items
+    made all 64 rows of the micro-batch search 3,010 wide. That user's row comes back short and is answered
+    exactly; the others stay approximate and right."""
+    from raysrec.serving.recommender import ANN_MAX_OVERFETCH
+
+    ann, exact = _rec(model, retrieval="hnsw"), _rec(model, retrieval="exact")
+    widths = []
+    search = ann.ann.search
+    ann.ann.search = lambda queries, fetch: widths.append(fetch) or search(queries, fetch)   # records the width
+    rng = np.random.default_rng(2)
+    heavy = Query(history=list(range(100, 3100)), k=10)
+    queries = [heavy] + [Query(history=[int(x) for x in rng.integers(100, 100 + N, 8)], k=10) for _ in range(63)]
+    got, want = ann.run(queries), exact.run(queries)
+    assert widths == [10 + ANN_MAX_OVERFETCH]
+    assert [i["item_id"] for i in got[0].items] == [i["item_id"] for i in want[0].items]
+    assert not {i["item_id"] for i in got[0].items} & set(heavy.history)

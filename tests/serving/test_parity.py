@@ -82,3 +82,17 @@ def test_top_k_in_item_chunks_equals_one_matrix(tmp_path):
     for a, b in zip(whole.run(queries), chunked.run(queries)):
         assert [i["item_id"] for i in a.items] == [i["item_id"] for i in b.items]
         assert [i["score"] for i in a.items] == pytest.approx([i["score"] for i in b.items])
+
+
+def test_a_request_without_now_is_scored_at_its_newest_event(tmp_path):
+    """longshort with timestamps and no ``now``: the gaps run to the newest history event, not to today's clock
+    (a 2009 history met gaps of 17 years, buckets training never filled)."""
+    model, folder = _saved_model(tmp_path, "longshort", use_time_gap=True)
+    rec = Recommender.load(folder)
+    history = [f"it{i}" for i in (3, 9, 27, 14, 5)]
+    stamps = [1.2e9 + 3600.0 * i for i in range(5)]
+    plain = rec.run([Query(history=history, k=10, timestamps=stamps)])[0].items
+    at_last = rec.run([Query(history=history, k=10, timestamps=stamps, now=stamps[-1])])[0].items
+    today = rec.run([Query(history=history, k=10, timestamps=stamps, now=1.8e9)])[0].items
+    assert plain == at_last
+    assert [i["item_id"] for i in plain] != [i["item_id"] for i in today]     # the gap matters for this model
