@@ -76,7 +76,7 @@ PREPARE_OPTIONS = [
 TRAIN_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
     "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
-    "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "cold_items", "resume_from",
+    "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "cold_items", "resume", "resume_from",
     "init_from", "init_optimizer", "init_shrink", "init_perturb", "item_grads", "eval_max_users", "storage_path", "verbose"]
 RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
                      "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
@@ -128,7 +128,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from raysrec import artifact  # noqa: PLC0415
         from raysrec.evaluation import check_same_items  # noqa: PLC0415
 
-        check_same_items(artifact.item_ids(artifact.resolve(cfg.resume_from).checkpoint), data, cfg.resume_from)
+        if "://" in cfg.resume_from:
+            cfg = cfg.replace(resume_from=artifact.locate(cfg.resume_from))
+        else:
+            checkpoint = artifact.resolve(cfg.resume_from).checkpoint     # a model folder or a checkpoint folder
+            check_same_items(artifact.item_ids(checkpoint), data, cfg.resume_from)
+            cfg = cfg.replace(resume_from=str(checkpoint))
+            print(f"resuming from {checkpoint} (epoch {artifact.verify_checkpoint(checkpoint).get('epoch')})")
     if cfg.init_from:                    # and a warm-start model that is not there
         from raysrec import artifact  # noqa: PLC0415
 

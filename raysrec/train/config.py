@@ -13,6 +13,13 @@ VALID_METRIC = "valid_ndcg@10"
 VALID_MODE: Literal["max"] = "max"
 
 
+# Reported every epoch: VALID_METRIC on the epochs that improved the best so far, NOT_BEST on the others. Ray keeps
+# checkpoints by it, so the checkpoint Ray keeps, the one exported and metrics.json's best_epoch are the epoch the
+# loop chose (by VALID_METRIC alone, Ray keeps the later of two tied epochs and deletes the earlier, chosen one).
+BEST_SCORE = "best_checkpoint_score"
+NOT_BEST = -1.0
+
+
 def improves(value: float, best: float) -> bool:
     """Whether a validation ``value`` beats the ``best`` so far (strictly: a tie keeps the earlier epoch)."""
     return value > best
@@ -24,7 +31,7 @@ class TrainConfig(Config):
     output: str = option("", 'output folder (a model folder)')
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: Literal["auto", "ce", "sampled", "bce", "gbce"] = option(
-        "auto", "auto: ce up to a catalogue size, sampled above (README, 'Choosing the loss'); ce: full softmax; sampled: "
+        "auto", "auto: ce up to a catalogue size, sampled above (docs/benchmarks.md, 'Choosing the loss'); ce: full softmax; sampled: "
               "sampled softmax with logQ correction; bce: one negative (SASRec paper); gbce: gSASRec's generalised BCE")
     num_negatives: int = 256        # sampled: negatives shared by the batch; gbce: per position (from a pool of 4x)
     in_batch_negatives: bool = False  # sampled: the batch's other targets are negatives too
@@ -32,7 +39,7 @@ class TrainConfig(Config):
     negative_sampling: Literal["uniform", "popularity"] = "popularity"
     batch_size: int = option(128, 'sequences per step and worker')
     # 4e-3, not the usual 1e-3: on ML-100K (sasrec, full CE, 3 seeds) test NDCG@10 0.1039 vs 0.0986 and best epoch
-    # reached in 71 s instead of 159 s (bench/accuracy.py; README "Choosing the loss and the learning rate")
+    # reached in 71 s instead of 159 s (bench/accuracy.py; docs/benchmarks.md "Choosing the loss and the learning rate")
     lr: float = option(4e-3, 'AdamW learning rate')
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
@@ -67,7 +74,10 @@ class TrainConfig(Config):
     bf16: bool = True
     max_failures: int = 3
     storage_path: Optional[str] = option(None, 'Ray Train storage: a folder every node sees or a URI (s3://...)')
-    resume_from: Optional[str] = option(None, 'a checkpoint folder to continue from')
+    resume: bool = option(False, "continue the newest Ray Train run in the run storage (output/ray_results or "
+                                 "storage_path), with its epoch, patience and best so far; without it every run "
+                                 "is a new one")
+    resume_from: Optional[str] = option(None, 'continue from this checkpoint or model folder (local path or URI)')
     init_from: Optional[str] = option(None, 'warm start: a model trained on an older log (same architecture); '
                                             'known items keep their rows, new items start fresh')
     # shrink and perturb (Ash & Adams, NeurIPS 2020); bench/warm_start.py: on ML-100K's time split it reached a
@@ -94,6 +104,8 @@ class TrainConfig(Config):
         check(self.max_failures >= 0, "train.max_failures must be >= 0")
         check(0.0 < self.init_shrink <= 1.0 and self.init_perturb >= 0.0,
               "train.init_shrink must be in (0, 1] and train.init_perturb >= 0")
+        check(not (self.resume and (self.resume_from or self.init_from)),
+              "train.resume (continue the newest run) excludes train.resume_from and train.init_from")
         check(not (self.init_from and self.resume_from), "train.init_from and train.resume_from exclude each other "
               "(resume continues a run on the same data; init_from starts a new one)")
         check(self.ce_kernel != "cce" or (self.use_gpu and self.bf16 and not self.label_smoothing

@@ -13,11 +13,47 @@ import numpy as np
 import torch
 from torch import nn
 
-from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
+from raysrec.train.config import BEST_SCORE, TrainConfig
 from raysrec.train.loop import format_epoch, worker_info
 
 FATAL_ERROR = "raysrec_user_error"
 USER_ERROR_FILE = "raysrec_user_error.txt"
+
+
+RUN_PREFIX = "train-"
+
+
+def new_run_name() -> str:
+    """A fresh Ray Train run name, ``train-YYYYmmdd-HHMMSS-xxxxxx``: Ray restores a run whose name it finds in the
+    storage, so reusing one name would silently continue the last run (its epoch, patience and best so far)."""
+    import time  # noqa: PLC0415
+    import uuid  # noqa: PLC0415
+
+    return f"{RUN_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def latest_run(storage_path: str) -> Optional[tuple[str, int]]:
+    """The newest run in ``storage_path`` that has a checkpoint (names sort by their start time), with the epoch of
+    its latest checkpoint; ``None`` when there is none. What ``train --resume`` continues."""
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
+    from raysrec.files import filesystem  # noqa: PLC0415
+
+    fs, root = filesystem(storage_path)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return None
+    runs = sorted((i for i in fs.get_file_info(pafs.FileSelector(root)) if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith(RUN_PREFIX)), key=lambda i: i.base_name, reverse=True)
+    for run in runs:
+        epochs = []
+        for entry in fs.get_file_info(pafs.FileSelector(run.path)):
+            state = f"{entry.path}/state.json"
+            if entry.type == pafs.FileType.Directory and fs.get_file_info(state).type == pafs.FileType.File:
+                with fs.open_input_stream(state) as handle:
+                    epochs.append(int(json.loads(handle.read().decode()).get("epoch", 0)))
+        if epochs:
+            return run.base_name, max(epochs)
+    return None
 
 
 def user_error_location(storage_path: str, run_name: str) -> str:
@@ -188,10 +224,12 @@ def build_trainer(cfg: TrainConfig, run_name: str, storage_path: str, callbacks:
             storage_filesystem=storage_fs,
             callbacks=callbacks or None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # Keeps the best checkpoint by valid NDCG@10 and, whatever its score, the latest one (Ray never
-            # deletes the latest), which is what a restarted worker resumes from: at most two on storage.
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=VALID_METRIC,
-                                               checkpoint_score_order=VALID_MODE),
+            # Keeps the checkpoint of the epoch the loop chose as best (BEST_SCORE: its valid NDCG@10 on the
+            # epochs that improved it, -1 on the others, so a tie keeps the earlier epoch, as the loop does) and,
+            # whatever its score, the latest one (Ray never deletes the latest), which is what a restarted worker
+            # resumes from: at most two on storage.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=BEST_SCORE,
+                                               checkpoint_score_order="max"),
         ),
     )
 

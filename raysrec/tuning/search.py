@@ -30,7 +30,7 @@ from raysrec import artifact
 from raysrec.config import redact
 from raysrec.errors import ConfigError
 from raysrec.files import filesystem, join
-from raysrec.train.config import VALID_METRIC, VALID_MODE, TrainConfig
+from raysrec.train.config import BEST_SCORE, VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.tuning.config import SearchConfig
 from raysrec.tuning.placement import release_after_search, release_callback
 from raysrec.tuning.report import plot_report
@@ -156,7 +156,8 @@ def refit(cfg: SearchConfig, base: TrainConfig, summary: dict[str, Any], out: Pa
 def trial_table(grid, params: list[Param]) -> pd.DataFrame:
     """One row per trial, at its best epoch (Ray's ``ResultGrid.get_dataframe``), with its status."""
     searched = [p.path for p in params if p.kind != "fixed"]
-    best_rows = grid.get_dataframe(filter_metric=VALID_METRIC, filter_mode=VALID_MODE)
+    # the epoch the trial's loop chose (a tie keeps the earlier), whose checkpoint Ray kept (BEST_SCORE)
+    best_rows = grid.get_dataframe(filter_metric=BEST_SCORE, filter_mode="max")
     by_id = {row["trial_id"]: row for row in best_rows.to_dict("records")} if "trial_id" in best_rows else {}
     rows = []
     for result in grid:

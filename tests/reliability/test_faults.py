@@ -36,7 +36,7 @@ MODEL = ModelConfig(hidden_dim=32, num_heads=2, num_layers=2, max_length=30)
 
 def _latest_reported_epoch(storage: Path) -> int:
     epochs = [0]
-    for state in storage.glob("train/checkpoint_*/state.json"):
+    for state in storage.glob("train-*/checkpoint_*/state.json"):
         try:
             epochs.append(int(json.loads(state.read_text())["epoch"]))
         except (OSError, ValueError, KeyError):
