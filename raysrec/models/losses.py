@@ -24,7 +24,7 @@ CeKernel = Literal["torch", "cce"]
 # a small catalogue about as fast to its best epoch; its cost per position grows with the catalogue, the sampled
 # loss's does not (bench/scale.py on this project's 2-core CPU: a full-CE step is 7.6x a sampled one at 10k
 # items, 68x at 100k; an H100's whole step at 100k items still ran 131k examples/s, its loss alone at 1M 25k
-# positions/s). Figures: README, "Choosing the loss and the learning rate".
+# positions/s). Figures: docs/benchmarks.md, "Choosing the loss and the learning rate".
 CE_MAX_ITEMS = {"cpu": 10_000, "cuda": 200_000}
 
 

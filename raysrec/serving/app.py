@@ -14,7 +14,7 @@ Model calls are micro-batched by :class:`~raysrec.serving.http.MicroBatcher` (si
 :class:`ServeConfig`, changeable live through the deployment's ``user_config``); the forward pass runs
 on one worker thread, so the replica's event loop keeps collecting the next batch meanwhile and no
 handler blocks it (required by Serve's throughput-optimised mode, which runs them on that loop).
-``@serve.batch`` did the same at 0.7x the QPS (bench/serve_load.py, README "Serving").
+``@serve.batch`` did the same at 0.7x the QPS (bench/serve_load.py, docs/benchmarks.md "Serving").
 """
 
 

@@ -18,7 +18,7 @@ class ServeConfig(Config):
     proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"  # HeadOnly: several nodes on one host
     # How HTTP reaches the replicas, and Serve's request path; both are read when Serve starts (Ray's
     # RAY_SERVE_* environment, see ray_serve_env): `raysrec serve` on its own local Ray applies them, a
-    # cluster gets them in its nodes' environment. Figures in the README (bench/serve_load.py).
+    # cluster gets them in its nodes' environment. Figures in docs/benchmarks.md (bench/serve_load.py).
     ingress: Literal["proxy", "haproxy"] = option(
         "proxy", "proxy: Serve's Python HTTP proxy; haproxy: HAProxy (C) in front of each replica's own HTTP port, "
                  "4.5-5.5x the QPS here, for a host or pod that runs one Serve (it binds fixed ports 8404/9101 and "
