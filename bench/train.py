@@ -11,10 +11,15 @@ median over epochs; the wall time including Ray's worker-group start-up is print
 GPU box pass ``--use-gpu`` (bf16 autocast) and the plain loop runs on CUDA as well; ``--ce`` then
 runs the plain loop once per full-CE implementation (``plain``: the whole logit matrix; ``chunked``:
 :class:`ChunkedLogSumExp`; ``fused``: Cut Cross-Entropy) and reports each one's peak GPU memory.
-``--synthetic-items N`` trains on a generated log with an N-item catalogue instead of ML-100K.
+``--synthetic-items N`` trains on a generated log with an N-item catalogue instead of ML-100K; ``--sports`` on
+Amazon Sports (../shared/data/amazon-sports, one user per line, converted here to a CSV whose time is the
+line position). ``--layouts`` runs the plain loop once per batch layout: ``padded`` (every batch
+max_length wide, as before), ``trimmed`` (each batch as wide as its longest row) and ``grouped`` (trimmed,
+rows of similar length batched together: ``train.group_by_length``).
 
     python bench/train.py [--data PREPARED_DIR] [--epochs 3] [--num-cpus N] [--use-gpu]
     python bench/train.py --use-gpu --synthetic-items 1000000 --ce plain chunked fused --workers
+    python bench/train.py --sports --layouts padded trimmed grouped --workers --epochs 1
 """
 
 from __future__ import annotations
@@ -61,7 +66,33 @@ def synthetic(workdir: Path, items: int, events: int) -> Path:
     return out
 
 
-def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked") -> tuple[list[float], float]:
+LAYOUTS = {"padded": {"trim": False, "group_by_length": 0}, "trimmed": {"trim": True, "group_by_length": 0},
+           "grouped": {"trim": True, "group_by_length": 64}}
+
+
+def sports_csv(workdir: Path) -> Path:
+    """Amazon Sports' `user item item ...` lines as user,item,timestamp rows (timestamp = position in the line)."""
+    source = REPO.parent / "shared" / "data" / "amazon-sports" / "Sports_and_Outdoors.txt"
+    out = workdir / "sports.csv"
+    with source.open() as lines, out.open("w") as csv:
+        csv.write("user_id,item_id,timestamp\n")
+        for line in lines:
+            user, *items = line.split()
+            csv.writelines(f"{user},{item},{t}\n" for t, item in enumerate(items))
+    return out
+
+
+def prepared_csv(workdir: Path, csv: Path) -> Path:
+    from raysrec.data.pipeline import PrepareConfig, prepare  # noqa: PLC0415
+    from raysrec.data.sources import SourceConfig  # noqa: PLC0415
+
+    out = workdir / f"{csv.stem}-prepared"
+    prepare(PrepareConfig(source=SourceConfig(path=str(csv)), output=str(out), overwrite=True))
+    return out
+
+
+def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str = "grouped"
+               ) -> tuple[list[float], float]:
     """What a user writes by hand: same model, batches and loss; examples/s per epoch and peak GPU MiB."""
     torch.manual_seed(cfg.seed)
     data = PreparedData.load(cfg.data)
@@ -78,7 +109,7 @@ def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked") -> tuple[list
     for epoch in range(cfg.epochs):
         started, n = time.perf_counter(), 0
         for batch in iterate_batches(examples, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                     device=torch.device(device)):
+                                     device=torch.device(device), **LAYOUTS[layout]):
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
                 valid = batch["target_ids"] > 0
                 loss = full_softmax_ce(model, model(batch)[valid], batch["target_ids"][valid], chunk_items=chunk,
@@ -103,6 +134,9 @@ def main() -> None:
     parser.add_argument("--ce", nargs="+", default=["chunked"], choices=["plain", "chunked", "fused"],
                         help="full-CE implementations for the plain loop")
     parser.add_argument("--synthetic-items", type=int, help="train on a generated log with this many items")
+    parser.add_argument("--sports", action="store_true", help="train on Amazon Sports (../shared/data/amazon-sports)")
+    parser.add_argument("--layouts", nargs="+", default=["grouped"], choices=list(LAYOUTS),
+                        help="batch layouts for the plain loop")
     parser.add_argument("--synthetic-events", type=int, default=2_000_000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=50)
@@ -113,6 +147,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="raysrec-bench-train-"))
     if args.synthetic_items:
         data = str(synthetic(work, args.synthetic_items, args.synthetic_events))
+    elif args.sports:
+        data = str(prepared_csv(work, sports_csv(work)))
     else:
         data = args.data or str(prepared_ml100k(work))
     device = "cuda" if args.use_gpu else "cpu"
@@ -124,11 +160,13 @@ def main() -> None:
     started = time.perf_counter()
     plain = None
     for ce in args.ce:
-        started = time.perf_counter()
-        rates, peak = plain_loop(base, device, ce)
-        rate = statistics.median(rates)
-        plain = plain or rate
-        rows.append((f"plain PyTorch loop, 1 process, {ce} CE", rate, time.perf_counter() - started, peak))
+        for layout in args.layouts:
+            started = time.perf_counter()
+            rates, peak = plain_loop(base, device, ce, layout)
+            rate = statistics.median(rates)
+            plain = plain or rate
+            rows.append((f"plain PyTorch loop, 1 process, {ce} CE, {layout} batches", rate,
+                         time.perf_counter() - started, peak))
     for workers in args.workers:
         cfg = base.replace(output=str(work / f"ray{workers}"), num_workers=workers,
                            cpus_per_worker=max(1, args.num_cpus // workers) if not args.use_gpu else 1,

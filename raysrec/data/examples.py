@@ -60,10 +60,16 @@ class Examples:
         """(N,) the newest target of every row (an evaluation row's only one)."""
         return self.seqs.items[self.stop - 1].astype(np.int64)
 
-    def batch(self, idx: np.ndarray, with_history: bool = False) -> dict[str, np.ndarray]:
-        """Rows ``idx`` as left-padded (B, L) arrays; ``history`` (B, H), right-padded, if asked."""
-        length = self.max_length
+    def batch(self, idx: np.ndarray, with_history: bool = False, trim: bool = True) -> dict[str, np.ndarray]:
+        """Rows ``idx`` as left-padded (B, W) arrays; ``history`` (B, H), right-padded, if asked.
+
+        W is the longest row of the batch (``trim``), else ``max_length``. Positions are counted from the right
+        (the newest item is always column -1, with the last position embedding), padding is masked in attention
+        and has no target, so a trimmed batch gives the model's outputs and the loss of the padded one, without
+        the work on padding (tests/data/test_trimmed_batches.py).
+        """
         stop, count = self.stop[idx], self.count[idx].astype(np.int64)
+        length = max(1, int(count.max())) if trim and len(idx) else self.max_length
         col = np.arange(length)
         shown = col >= length - count[:, None]                                  # (B, L) non-padding
         at = np.where(shown, stop[:, None] - length + col, 0)                    # absolute target positions
@@ -90,22 +96,22 @@ class Examples:
         inside = col < lengths[:, None]
         return np.where(inside, self.seqs.items[np.where(inside, start[:, None] + col, 0)], 0).astype(np.int64)
 
-    # The whole set as padded matrices: for tests and small sets (a real epoch goes through ``batch``).
+    # The whole set as (N, max_length) padded matrices: for tests and small sets (an epoch goes through ``batch``).
     @property
     def input_ids(self) -> np.ndarray:
-        return self.batch(np.arange(len(self)))["input_ids"]
+        return self.batch(np.arange(len(self)), trim=False)["input_ids"]
 
     @property
     def target_ids(self) -> np.ndarray:
-        return self.batch(np.arange(len(self)))["target_ids"]
+        return self.batch(np.arange(len(self)), trim=False)["target_ids"]
 
     @property
     def input_times(self) -> np.ndarray:
-        return self.batch(np.arange(len(self)))["input_times"]
+        return self.batch(np.arange(len(self)), trim=False)["input_times"]
 
     @property
     def target_times(self) -> np.ndarray:
-        return self.batch(np.arange(len(self)))["target_times"]
+        return self.batch(np.arange(len(self)), trim=False)["target_times"]
 
 
 def subset(examples: Examples, rows: np.ndarray) -> Examples:
@@ -155,26 +161,49 @@ def sample_negatives(target_ids: torch.Tensor, num_items: int, num_negatives: in
     return neg + (neg >= target_ids.unsqueeze(-1)).long()
 
 
+def length_grouped(rows: np.ndarray, lengths: np.ndarray, batch_size: int, window: int,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """``rows`` (already shuffled) cut into batches of similar lengths: each run of ``window`` batches' rows is
+    sorted by length and cut into batches, and the batches are shuffled. Which rows meet in a batch is then
+    random among rows of about the same length in the same window, and the order of batches is random; a
+    padded batch costs the longest row's work, so short rows no longer pay for a long neighbour's."""
+    span = max(1, window) * batch_size
+    batches = []
+    for start in range(0, len(rows), span):
+        chunk = rows[start:start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def iterate_batches(examples: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                     rank: int = 0, world_size: int = 1, num_steps: Optional[int] = None,
                     num_items: int = 0, num_negatives: int = 0, device: str | torch.device = "cpu",
-                    with_history: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches for worker ``rank`` of ``world_size``.
+                    with_history: bool = False, group_by_length: int = 0,
+                    trim: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Left-padded batches for worker ``rank`` of ``world_size``, each trimmed to its longest row (``trim``).
 
-    Rows are shuffled with (seed, epoch) and dealt round-robin to workers. ``num_steps`` makes
-    every worker take the same number of steps (DDP needs that): short shards wrap around.
+    Rows are shuffled with (seed, epoch) and dealt round-robin to workers; with ``group_by_length`` > 0 each
+    worker's rows are then grouped into batches of similar lengths within windows of that many batches
+    (:func:`length_grouped`). ``num_steps`` makes every worker take the same number of steps (DDP needs that):
+    a short share starts over from its first batch.
     """
     n = len(examples)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
     mine = order[rank::world_size]
-    steps = num_steps if num_steps is not None else -(-len(mine) // batch_size)
     if len(mine) == 0:
         return
+    if shuffle and group_by_length > 0:
+        batches = length_grouped(mine, examples.count, batch_size, group_by_length,
+                                 np.random.default_rng([seed, epoch, rank, 1]))
+    else:
+        batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    steps = num_steps if num_steps is not None else len(batches)
     generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch * 101 + rank)
     for step in range(steps):
-        idx = mine[np.arange(step * batch_size, (step + 1) * batch_size) % len(mine)] if num_steps is not None \
-            else mine[step * batch_size:(step + 1) * batch_size]
-        batch = {k: torch.from_numpy(v) for k, v in examples.batch(idx, with_history).items()}
+        idx = batches[step % len(batches)]
+        batch = {k: torch.from_numpy(v) for k, v in examples.batch(idx, with_history, trim).items()}
         batch["padding_mask"] = batch["input_ids"] != 0
         if num_negatives:
             batch["negative_ids"] = sample_negatives(batch["target_ids"], num_items, num_negatives, generator)

@@ -57,6 +57,9 @@ class TrainConfig(Config):
     epochs: int = option(200, 'maximum epochs')
     patience: int = option(10, 'stop after this many epochs without a better valid NDCG@10')
     train_windows: Literal["all", "last"] = "all"
+    group_by_length: int = option(64, "training batches hold rows of similar length: rows are sorted by length "
+                                      "within windows of this many shuffled batches, and the batches shuffled "
+                                      "(0: plain shuffle); every batch is trimmed to its longest row either way")
     eval_batch_size: int = 256
     eval_max_users: Optional[int] = option(None, "valid and test metrics (early stopping, metrics.json) on a fixed, "
                                                  "seeded sample of this many users (all when unset): full ranking of "
@@ -97,6 +100,7 @@ class TrainConfig(Config):
         check(self.num_workers >= 1, "train.num_workers must be >= 1")
         check(10 in self.metric_ks, "train.metric_ks must include 10 (early stopping uses valid NDCG@10)")
         check(self.num_negatives >= 1, "train.num_negatives must be >= 1")
+        check(self.group_by_length >= 0, "train.group_by_length must be >= 0 (0: plain shuffle)")
         check(self.eval_chunk_items >= 1, "train.eval_chunk_items must be >= 1")
         check(self.ce_chunk_items >= 0, "train.ce_chunk_items must be >= 0 (0: the whole catalogue at once)")
         check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)")

@@ -225,7 +225,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         n_batches = 0
         for batch in iterate_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
                                      world_size=world, num_steps=steps, num_items=data.num_items,
-                                     num_negatives=1 if cfg.loss == "bce" else 0, device=device):
+                                     num_negatives=1 if cfg.loss == "bce" else 0, device=device,
+                                     group_by_length=cfg.group_by_length):
             loss = compute_loss(model, batch, cfg, log_q, generator, excluded, kernel)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
