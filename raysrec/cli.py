@@ -135,6 +135,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             check_same_items(artifact.item_ids(checkpoint), data, cfg.resume_from)
             cfg = cfg.replace(resume_from=str(checkpoint))
             print(f"resuming from {checkpoint} (epoch {artifact.verify_checkpoint(checkpoint).get('epoch')})")
+    if cfg.resume and not args.no_ray:   # and --resume with no run to continue
+        from raysrec.config import redact  # noqa: PLC0415
+        from raysrec.errors import ConfigError  # noqa: PLC0415
+        from raysrec.train.ray_train import latest_run  # noqa: PLC0415
+
+        storage = cfg.storage_path or os.path.join(os.path.abspath(cfg.output or "."), "ray_results")
+        if latest_run(storage) is None:
+            raise ConfigError(f"train.resume: no Ray Train run to resume in {redact(storage)}")
     if cfg.init_from:                    # and a warm-start model that is not there
         from raysrec import artifact  # noqa: PLC0415
 

@@ -69,9 +69,12 @@ def test_resume_with_no_better_epoch_exports_the_checkpoint_it_resumed_from(synt
     assert (tmp_path / "resumed" / "checkpoint" / "model.pt").read_bytes() == first_weights
 
 
-def test_resume_without_a_run_is_refused(synth_prepared, tmp_path):
+def test_resume_without_a_run_is_refused(synth_prepared, tmp_path, capsys):
+    from raysrec.cli import main
     from raysrec.errors import ConfigError
 
+    assert main(["train", "--data", str(synth_prepared), "-o", str(tmp_path / "m"), "--resume"]) == 2
+    assert f"train.resume: no Ray Train run to resume in {tmp_path / 'm' / 'ray_results'}" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="without Ray"):
         fit(TrainConfig(data=str(synth_prepared), output=str(tmp_path / "m"), model=SMALL, resume=True), use_ray=False)
     with pytest.raises(ConfigError, match="excludes"):
