@@ -156,17 +156,14 @@ def test_killed_serve_replica_under_load_fails_at_most_one_percent(tmp_path, ray
     assert figures["recovered_after_s"] is not None, "Serve did not replace the killed replica"
 
 
-@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
-def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ingress):
-    """`raysrec serve` stopped as Kubernetes/systemd/`timeout` stop it: the requests it holds are answered,
-    then it exits 0 (Ray's own SIGTERM handler would abort them). Behind HAProxy the in-flight drain is Ray's
-    and one CI run saw it fail (README, Stopping), so there the requests are answered first and the test holds
-    the clean stop only."""
+def _serve_then_sigterm(folder: Path, ray_tmp: str, ingress: str) -> tuple[list, int, str]:
+    """Start `raysrec serve`, put 8 requests in flight, send SIGTERM; the answers, exit code and output."""
     import socket
 
     import requests
 
-    model = tiny_model(tmp_path) / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(folder) / "checkpoint"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -174,7 +171,7 @@ def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ing
     env.pop("RAY_ADDRESS", None)
     # a 2 s batching window: the requests below are still in the replica when SIGTERM comes
     proc = subprocess.Popen([sys.executable, "-m", "raysrec.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--batch-wait-timeout-s", "2.0", "--num-cpus", "2", "--ingress", ingress], env=env, cwd=tmp_path,
+                             "--batch-wait-timeout-s", "2.0", "--num-cpus", "2", "--ingress", ingress], env=env, cwd=folder,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -211,7 +208,21 @@ def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ing
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return answers, proc.returncode, output
+
+
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_sigterm_stops_serve_after_the_requests_in_flight(tmp_path, ray_tmp, ingress):
+    """`raysrec serve` stopped as Kubernetes/systemd/`timeout` stop it: the requests it holds are answered,
+    then it exits 0 (Ray's own SIGTERM handler would abort them). Behind HAProxy the in-flight drain is Ray's
+    and one CI run saw it fail (docs/serving.md, Stopping), so there the requests are answered first and the
+    test holds the clean stop only. A run in which a Ray process itself crashed (a fatal from Ray's C++ logging,
+    logging.cc, seen once in a clean-clone run) is tried once more; a second failure fails the test."""
+    answers, returncode, output = _serve_then_sigterm(tmp_path / "first", ray_tmp, ingress)
+    if answers != [(200, 5)] * 8 and "logging.cc" in output:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)       # what the crashed Ray left behind
+        answers, returncode, output = _serve_then_sigterm(tmp_path / "again", ray_tmp, ingress)
     assert answers == [(200, 5)] * 8, (answers, output[-3000:])
-    assert proc.returncode == 0, output[-3000:]
+    assert returncode == 0, output[-3000:]
     assert "SIGTERM: no new requests" in output and "stopped" in output
     assert "Aborted" not in output and "SIGTERM received" not in output, output[-3000:]
