@@ -139,8 +139,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from raysrec.config import redact  # noqa: PLC0415
         from raysrec.errors import ConfigError  # noqa: PLC0415
         from raysrec.train.ray_train import latest_run  # noqa: PLC0415
+        from raysrec.train.run import run_storage  # noqa: PLC0415
 
-        storage = cfg.storage_path or os.path.join(os.path.abspath(cfg.output or "."), "ray_results")
+        storage = run_storage(cfg)
         if latest_run(storage) is None:
             raise ConfigError(f"train.resume: no Ray Train run to resume in {redact(storage)}")
     if cfg.init_from:                    # and a warm-start model that is not there

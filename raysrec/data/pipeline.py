@@ -163,9 +163,10 @@ def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
     times = pc.list_flatten(final.column("timestamps")).to_numpy(zero_copy_only=False) \
         if final.num_rows else np.zeros(0, np.float64)
     # the training events' count per item (the sampled softmax's popularity proposal must not see held-out events)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    train_end = split.positions(offsets, times).train_end
-    in_train = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths.astype(np.int64)) < np.repeat(train_end, lengths.astype(np.int64))
+    per_user = lengths.astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(per_user)])
+    train_end = split.positions(offsets, times).train_end                  # per user: events before it train
+    in_train = np.arange(len(flat)) - np.repeat(offsets[:-1], per_user) < np.repeat(train_end, per_user)
     train_count = np.bincount(flat[in_train], minlength=len(item_vocab) + 1)
     if split.protocol != "global_time":
         times = np.zeros(0, np.float64)

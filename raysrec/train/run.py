@@ -22,6 +22,11 @@ from raysrec.train.config import BEST_SCORE, NOT_BEST, TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
 
 
+def run_storage(cfg: TrainConfig) -> str:
+    """Where Ray Train keeps this output's runs: ``storage_path``, else ``OUTPUT/ray_results``."""
+    return cfg.storage_path or str(Path(cfg.output or ".").resolve() / "ray_results")
+
+
 def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[str, Any]:
     """Train, take the best checkpoint, score it on the valid and test targets and write the model folder.
 
@@ -49,7 +54,7 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
             user_error_location,
         )
 
-        storage = cfg.storage_path or str(out / "ray_results")
+        storage = run_storage(cfg)
         if cfg.resume:
             found = latest_run(storage)
             if found is None:
@@ -92,10 +97,8 @@ def _resumed_best(cfg: TrainConfig, history: list[dict[str, Any]]) -> Path:
     says it was its run's best epoch), and the run's model is that checkpoint."""
     if not cfg.resume_from:
         raise RuntimeError("the training run reported no best checkpoint")
-    located = artifact.resolve(cfg.resume_from) if "://" not in cfg.resume_from else None
-    if located is None:
-        folder, _ = artifact.fetch(cfg.resume_from, Path(tempfile.mkdtemp(prefix="raysrec-resumed-")))
-        located = folder
+    # a local folder is used in place; a URI is downloaded into a folder of its own (it becomes the model)
+    located, _ = artifact.fetch(cfg.resume_from, Path(tempfile.gettempdir()) / f"raysrec-resumed-{time.time_ns()}")
     state = artifact.verify_checkpoint(located.checkpoint)
     best_epoch = history[-1]["best_epoch"] if history else state.get("best_epoch")
     if state.get("epoch") != best_epoch:
