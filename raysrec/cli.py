@@ -88,7 +88,8 @@ TUNE_OPTIONS = [
 SERVE_OPTIONS = [
     "model_dir:--model,-m", "host", "port", "num_replicas:--num-replicas,--replicas", "device", "batching",
     "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "torch_threads", "ingress", "throughput_optimized",
-    "retrieval", "ann_min_items", "ann_ef_search"]
+    "retrieval", "ann_min_items", "ann_ef_search", "store.url:--store", "store.event_log:--event-log",
+    "store.max_history", "store.flush_interval_s"]
 PIPELINE_OPTIONS = ["output:--output,-o", "storage_path", "stage", "deploy"]
 
 
@@ -276,16 +277,23 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from raysrec import artifact  # noqa: PLC0415
+    from raysrec.config import redact  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
     from raysrec.serving.app import run  # noqa: PLC0415
     from raysrec.serving.config import ServeConfig  # noqa: PLC0415
+    from raysrec.serving.live import check_store  # noqa: PLC0415
 
     cfg = _config_from_args(ServeConfig, args)
-    cfg = cfg.replace(model_dir=artifact.locate(cfg.model_dir))  # fail fast (no download); absolute for the replicas
+    cfg = cfg.replace(model_dir=artifact.locate(cfg.model_dir),  # fail fast (no download); absolute for the replicas
+                      store=cfg.store.absolute())
+    check_store(cfg.store)                                        # so does a store that cannot be opened
     ensure_ray(num_cpus=args.num_cpus, serve_env=cfg.ray_serve_env())
     run(cfg)
     url = cfg.url
     print(f"serving {cfg.model_dir} at {url}  (POST /recommend, POST /score, GET /model, GET /healthz)")
+    if cfg.store.enabled:
+        print(f"live state in {redact(cfg.store.url)}  (POST /events, GET /users/ID/history, DELETE /users/ID)"
+              + (f"; event log: {redact(cfg.store.event_log)}" if cfg.store.event_log else ""))
     print(f"try: curl -s {url}/recommend -H 'content-type: application/json' -d '{{\"history\": [], \"k\": 5}}'")
     if not args.detach:
         _serve_until_stopped(cfg.app_name)

@@ -64,6 +64,18 @@ class StoreConfig(Config):
     def enabled(self) -> bool:
         return self.url.lower() != "none"
 
+    def absolute(self) -> StoreConfig:
+        """This config with a SQLite file and a local event log as absolute paths (resolved where it is called:
+        the driver; Serve replicas and Ray workers do not share its working directory)."""
+        from pathlib import Path  # noqa: PLC0415
+
+        from raysrec.online.store import absolute  # noqa: PLC0415
+
+        log = self.event_log
+        if log and "://" not in log:
+            log = str(Path(log).resolve())
+        return self.replace(url=absolute(self.url), event_log=log)
+
 
 @dataclasses.dataclass(frozen=True)
 class Event:

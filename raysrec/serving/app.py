@@ -10,6 +10,14 @@ Endpoints (JSON in and out, item ids are the dataset's original ids):
 
 * ``GET /livez`` (the process answers; no model call)
 
+The live state (``store``: SQLite on one host by default, Redis on clusters; :mod:`raysrec.serving.live`):
+
+* ``POST /events`` ``{"events": [{"event_id", "user_id", "item_id", "type", "timestamp"}]}`` ->
+  ``{"accepted", "duplicates", "unknown_items"}``, once the events are durable;
+* ``POST /recommend`` ``{"user_id": ..., "k": 10}``: the same answer as the ``history`` form on the user's
+  stored events (``"form": "user_id"``);
+* ``GET /users/{user_id}/history``, ``DELETE /users/{user_id}``.
+
 Model calls are micro-batched by :class:`~raysrec.serving.http.MicroBatcher` (size and wait from
 :class:`ServeConfig`, changeable live through the deployment's ``user_config``); the forward pass runs
 on one worker thread, so the replica's event loop keeps collecting the next batch meanwhile and no
@@ -19,6 +27,7 @@ handler blocks it (required by Serve's throughput-optimised mode, which runs the
 
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +35,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from ray import serve
 
+from raysrec.online.events import StoreUnavailable, user_key
 from raysrec.serving.config import ServeConfig
 from raysrec.serving.http import (
     BodyLimit,
@@ -34,6 +44,7 @@ from raysrec.serving.http import (
     RecommendResponse,
     ScoreRequest,
     ScoreResponse,
+    error_response,
     finite,
     make_api,
     parse,
@@ -41,6 +52,7 @@ from raysrec.serving.http import (
     request_schema,
     score_response,
 )
+from raysrec.serving.live import LiveState
 from raysrec.serving.recommender import Answer, Query, Recommender
 
 __all__ = ["ServeConfig", "build_app", "run"]
@@ -68,6 +80,13 @@ class RecommenderServer:
         self._batcher = MicroBatcher(self.rec.run, self._pool, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self.reconfigure({"batching": self.cfg.batching, "max_batch_size": self.cfg.max_batch_size,
                           "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s})
+        self.live = LiveState(self.cfg.store, lambda ids: self.rec.lookup(ids)[2]) if self.cfg.store.enabled else None
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: the event log gets what the store acknowledged since the last flush."""
+        if getattr(self, "live", None) is not None:
+            self.live.close()
+            self.live = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live-tunable batching (Serve ``user_config``): batching, max_batch_size, batch_wait_timeout_s."""
@@ -87,7 +106,38 @@ class RecommenderServer:
     @api.post("/recommend", response_model=RecommendResponse, openapi_extra=request_schema(RecommendRequest))
     async def recommend(self, request: Request) -> Response:
         body = await parse(request, RecommendRequest)
-        return recommend_response(await self._answer(body.query()), self.version)
+        if body.user_id is None:
+            return recommend_response(await self._answer(body.query()), self.version)
+        if self.live is None:
+            return error_response(422, "body.user_id: this endpoint keeps no live state (store.url none); "
+                                       "send the history")
+        try:
+            events = await self.live.history(user_key(body.user_id))
+        except StoreUnavailable as exc:
+            return error_response(503, str(exc), {"Retry-After": "1"})
+        query = body.user_query([e.item_id for e in events], [e.timestamp for e in events], time.time())
+        return recommend_response(await self._answer(query), self.version, history_events=len(events))
+
+    @api.post("/events")
+    async def events(self, request: Request) -> Response:
+        """Record live events (idempotent by event_id); answers once they are durable in the store."""
+        if self.live is None:
+            return error_response(404, "this endpoint keeps no live state (store.url none)")
+        return await self.live.ingest(await request.body())
+
+    @api.get("/users/{user_id}/history")
+    async def user_history(self, user_id: str) -> Response:
+        """A user's stored events, oldest first (an unknown user has none)."""
+        if self.live is None:
+            return error_response(404, "this endpoint keeps no live state (store.url none)")
+        return await self.live.history_response(user_key(user_id))
+
+    @api.delete("/users/{user_id}")
+    async def forget_user(self, user_id: str) -> Response:
+        """Forget a user: the stored events and those not yet in the event log."""
+        if self.live is None:
+            return error_response(404, "this endpoint keeps no live state (store.url none)")
+        return await self.live.forget(user_key(user_id))
 
     @api.post("/score", response_model=ScoreResponse, openapi_extra=request_schema(ScoreRequest))
     async def score(self, request: Request) -> Response:
@@ -109,6 +159,7 @@ class RecommenderServer:
     async def model(self) -> dict[str, Any]:
         meta = dict(self.rec.metadata)
         meta["batching"] = {"enabled": self.batching, **self.batch_options}
+        meta["store"] = self.live.describe() if self.live is not None else None
         return finite(meta)
 
     async def check_health(self) -> None:
@@ -119,6 +170,7 @@ class RecommenderServer:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder (``serve run serve.app:app_builder model_dir=...`` or ``serve/config.yaml``)."""
     cfg = ServeConfig.from_dict(dict(args))
+    cfg = cfg.replace(store=cfg.store.absolute())   # replicas do not share our working directory
     options: dict[str, Any] = {
         "max_ongoing_requests": cfg.ongoing,
         "ray_actor_options": {"num_cpus": cfg.num_cpus, **({"num_gpus": 1} if cfg.device == "cuda" else {})},

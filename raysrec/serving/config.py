@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Literal, Optional
 
 from raysrec.config import Config, check, option
+from raysrec.online.events import StoreConfig
 
 
 @dataclasses.dataclass
@@ -43,6 +44,8 @@ class ServeConfig(Config):
     max_ongoing_requests: Optional[int] = option(None, 'per replica (default 2 x max_batch_size)')
     max_request_bytes: int = 1 << 20
     access_log: bool = True                          # one log line per request (off for load tests)
+    # the live state: per-user events (POST /events, /recommend by user_id) and the event log
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
 
     def validate(self) -> None:
         check(self.model_dir != "", "serve.model_dir is required")

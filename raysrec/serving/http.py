@@ -56,12 +56,27 @@ class HistoryRequest(BaseModel):
 
 
 class RecommendRequest(HistoryRequest):
+    user_id: Optional[ItemId] = Field(None, description="recommend from this user's stored events (POST /events) "
+                                                        "instead of a history sent with the request")
     k: StrictInt = Field(10, ge=1, le=MAX_K)         # strict like the ids: "10" and true are 422, not 10 and 1
     exclude_seen: StrictBool = True
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
 
+    @model_validator(mode="after")
+    def _one_form(self):
+        if self.user_id is not None and {"history", "timestamps"} & self.model_fields_set:
+            raise ValueError("give user_id (the stored history) or history, not both")
+        if isinstance(self.user_id, str) and not (0 < len(self.user_id) <= 256 and self.user_id.isprintable()):
+            raise ValueError("user_id: expected 1 to 256 printable characters")
+        return self
+
     def query(self) -> Query:
         return Query(self.history, self.k, self.exclude_seen, self.exclude, self.timestamps, self.now)
+
+    def user_query(self, items: Sequence[ItemId], timestamps: Sequence[float], now: float) -> Query:
+        """The same query on a stored history (``now``: the request's, else the server's clock)."""
+        return Query(items, self.k, self.exclude_seen, self.exclude, timestamps, self.now if self.now is not None
+                     else now)
 
 
 class ScoreRequest(HistoryRequest):
@@ -82,6 +97,9 @@ class RecommendResponse(BaseModel):
     unknown_items: list[ItemId]
     model: str
     fallback: Optional[str] = Field(None, description='"popularity" when no history item was known')
+    form: str = Field("history", description='"history" (sent with the request) or "user_id" (the stored events)')
+    history_events: Optional[int] = Field(None, description="user_id form: how many stored events were read "
+                                                            "(0: an unknown user, answered as an empty history)")
 
 
 class ScoreResponse(BaseModel):
@@ -187,9 +205,18 @@ def json_response(content: dict[str, Any]) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
 
 
-def recommend_response(answer: Answer, version: str) -> Response:
-    return json_response({"items": answer.items, "unknown_items": answer.unknown_items, "model": version,
-                          "fallback": answer.fallback})
+def recommend_response(answer: Answer, version: str, history_events: Optional[int] = None) -> Response:
+    """``history_events`` is given for the user_id form (the stored history's length)."""
+    body = {"items": answer.items, "unknown_items": answer.unknown_items, "model": version,
+            "fallback": answer.fallback, "form": "history" if history_events is None else "user_id"}
+    if history_events is not None:
+        body["history_events"] = history_events
+    return json_response(body)
+
+
+def error_response(status: int, message: str, headers: Optional[dict[str, str]] = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def score_response(answer: Answer, version: str) -> Response:

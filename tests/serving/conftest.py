@@ -44,15 +44,20 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_local, trained_model, serve_port):
-    """The batched deployment of ``trained_model``, answering on http://127.0.0.1:<port>."""
+def endpoint(ray_local, trained_model, serve_port, tmp_path_factory):
+    """The batched deployment of ``trained_model``, answering on http://127.0.0.1:<port>, with its live state in
+    a SQLite file of its own."""
     from ray import serve
 
+    from raysrec.online.events import StoreConfig
     from raysrec.serving.app import run
     from raysrec.serving.config import ServeConfig
 
+    state = tmp_path_factory.mktemp("state")
     cfg = ServeConfig(model_dir=str(trained_model), port=serve_port, max_batch_size=16, batch_wait_timeout_s=0.01,
-                      max_request_bytes=64 * 1024, app_name="test-endpoint")
+                      max_request_bytes=64 * 1024, app_name="test-endpoint",
+                      store=StoreConfig(url=f"sqlite:///{state}/events.db", max_history=30,
+                                        event_log=str(state / "log"), flush_interval_s=1.0))
     run(cfg)
     url = f"http://127.0.0.1:{serve_port}"
     wait_healthy(url)
