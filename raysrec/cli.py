@@ -44,6 +44,10 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, specs: list[s
             kwargs.update(type=kind, metavar=path.rsplit(".", 1)[-1].upper())
         else:
             raise TypeError(f"{cls.__name__}.{path}: no command-line option for {kind}")
+        if not flags[0].startswith("-"):       # a positional argument (optional: a --config file may give it)
+            kwargs.update(nargs="?", metavar=flags[0].upper())
+            parser.add_argument(kwargs.pop("dest"), **kwargs)
+            continue
         parser.add_argument(*flags, **kwargs)
     parser.add_argument("--config", "-c", help=f"a {cls.__name__} YAML file; options given override it")
 
@@ -72,7 +76,7 @@ PREPARE_OPTIONS = [
     "source.item_col", "source.time_col", "source.rating_col", "source.sep", "source.encoding", "source.id_type",
     "source.on_bad_row", "min_rating", "item_k_core", "user_k_core", "min_sequence_length", "max_sequence_length",
     "split.protocol:--split", "split.valid_time", "split.test_time", "split.valid_quantile", "split.test_quantile",
-    "num_shards", "overwrite"]
+    "event_log:--event-log", "num_shards", "overwrite"]
 TRAIN_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
     "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
@@ -91,6 +95,10 @@ SERVE_OPTIONS = [
     "retrieval", "ann_min_items", "ann_ef_search", "store.url:--store", "store.event_log:--event-log",
     "store.max_history", "store.flush_interval_s"]
 PIPELINE_OPTIONS = ["output:--output,-o", "storage_path", "stage", "deploy"]
+INGEST_OPTIONS = ["source.path:input", "url", "rate", "batch_size", "type", "limit", "source.format",
+                  "source.user_col", "source.item_col", "source.time_col", "source.sep", "source.id_type",
+                  "source.on_bad_row"]
+EXPORT_OPTIONS = ["url:--store", "event_log:--event-log", "export_batch:--batch", "key_prefix"]
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -337,6 +345,66 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_events_ingest(args: argparse.Namespace) -> int:
+    from raysrec.online.replay import ReplayConfig, replay  # noqa: PLC0415
+
+    cfg = _config_from_args(ReplayConfig, args)
+    bar = _progress_bar("events")
+    summary = replay(cfg, progress=bar)
+    bar(None, None)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_events_export(args: argparse.Namespace) -> int:
+    from raysrec.config import redact  # noqa: PLC0415
+    from raysrec.errors import ConfigError  # noqa: PLC0415
+    from raysrec.online.events import StoreConfig  # noqa: PLC0415
+    from raysrec.online.log import export_events  # noqa: PLC0415
+    from raysrec.online.store import open_store  # noqa: PLC0415
+    from raysrec.serving.live import check_store  # noqa: PLC0415
+
+    cfg = _config_from_args(StoreConfig, args).absolute()
+    if not cfg.event_log:
+        raise ConfigError("store.event_log: where to export (--event-log PATH or URI) is required")
+    if not cfg.enabled:
+        raise ConfigError("store.url: a store to export from is required (--store sqlite:///FILE or redis://...)")
+    check_store(cfg)
+    bar = _progress_bar("events")
+    with open_store(cfg) as store:
+        result = export_events(store, cfg.event_log, batch=cfg.export_batch, progress=bar)
+    bar(None, None)
+    print(json.dumps(result, indent=2))
+    if "skipped" in result:
+        print(f"nothing exported: {result['skipped']} (a replica's scheduled flush); try again later",
+              file=sys.stderr)
+        return 1
+    print(f"event log: {redact(cfg.event_log)} (every event up to seq {result['last_seq']})")
+    return 0
+
+
+def _progress_bar(unit: str):
+    """``update(done, total)``; ``update(None, None)`` closes. A tqdm bar on a terminal (off with RAYSREC_PROGRESS=0)."""
+    state: dict[str, Any] = {}
+    enabled = os.environ.get("RAYSREC_PROGRESS", "1") != "0" and sys.stderr.isatty()
+
+    def update(done: Optional[int], total: Optional[int]) -> None:
+        if not enabled:
+            return
+        from tqdm import tqdm  # noqa: PLC0415
+
+        if done is None:
+            if "bar" in state:
+                state["bar"].close()
+            return
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, unit=unit, unit_scale=True)
+        state["bar"].total = total
+        state["bar"].update(done - state["bar"].n)
+
+    return update
+
+
 def _serve_until_stopped(app_name: str) -> None:
     from raysrec.serving.app import serve_until_stopped  # noqa: PLC0415
 
@@ -420,6 +488,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-serving", action="store_true", help="keep this driver (and a local Serve) up until Ctrl-C")
     _num_cpus(p)
     p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("events", help="the live service's events: replay a log through POST /events, or export "
+                                      "the store to the Parquet event log")
+    events = p.add_subparsers(dest="events_command", required=True)
+    from raysrec.online.events import StoreConfig  # noqa: PLC0415
+    from raysrec.online.replay import ReplayConfig  # noqa: PLC0415
+
+    q = events.add_parser("ingest", help="replay a log (any layout prepare reads) through POST /events in time "
+                                         "order: back-fill live state, or load-test")
+    add_config_options(q, ReplayConfig, INGEST_OPTIONS)
+    q.set_defaults(func=_cmd_events_ingest)
+    q = events.add_parser("export", help="export acknowledged events from the store to the event log (Parquet by "
+                                         "day; resumable: a killed export run again skips and repeats nothing)")
+    add_config_options(q, StoreConfig, EXPORT_OPTIONS)
+    q.set_defaults(func=_cmd_events_export)
 
     p = sub.add_parser("config", help="print a stage's config with all defaults (a reference and a starting file)")
     p.add_argument("stage", choices=["pipeline", "synth", "prepare", "train", "tune", "serve", "serve-deploy"],

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import raysrec
-from raysrec.config import Config, check, option, redact_tree
+from raysrec.config import Config, check, option, redact, redact_tree
 from raysrec.data import transforms
 from raysrec.data.sources import (
     DropReason,
@@ -53,6 +53,7 @@ from raysrec.data.sources import (
     plan_splits,
     read_item_metadata,
     read_split,
+    resolve_event_log,
     resolve_source,
 )
 from raysrec.data.split import SplitConfig, SplitSpec
@@ -79,6 +80,8 @@ class PrepareConfig(Config):
     min_sequence_length: int = option(3, 'drop users with fewer events (leave-one-out needs 3, global_time 1)')
     max_sequence_length: Optional[int] = option(None, "keep each user's newest N events (prepare's truncation, not the model window)")
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    event_log: Optional[str] = option(None, "the live service's event log (raysrec events export), read beside the "
+                                            "source: the nightly retrain learns what the service saw")
     num_shards: int = option(8, 'sequence shard files (training workers read them in parallel)')
     split_bytes: int = 32 << 20
     overwrite: bool = option(False, 'replace an existing output folder')
@@ -101,12 +104,15 @@ class PrepareConfig(Config):
 # Per-task functions (run inside Ray Data tasks; pure apart from their own shard files)
 # ----------------------------------------------------------------------------------------------
 
-def _parse_splits(batch: pa.Table, source: ResolvedSource, min_rating: Optional[float], num_shards: int) -> pa.Table:
+def _parse_splits(batch: pa.Table, sources: list[ResolvedSource], min_rating: Optional[float], num_shards: int
+                  ) -> pa.Table:
     from raysrec.data.sources import Split  # noqa: PLC0415 (keeps the task's closure small)
 
     tables = []
     for row in batch.to_pylist():
-        table = read_split(source, Split(**row))
+        split = Split(**row)
+        source = sources[split.source_index]
+        table = read_split(source, split)
         table = transforms.mark_low_ratings(table, min_rating)
         shard = transforms.shard_of(table.column("user").fill_null(0 if source.id_kind == "int" else ""), num_shards)
         tables.append(table.append_column("shard", pa.array(shard)))
@@ -191,6 +197,8 @@ def check_inputs(cfg: PrepareConfig) -> ResolvedSource:
     if cfg.split.protocol == "global_time" and not source.has_timestamp:
         raise InputError("prepare.split.protocol global_time needs a timestamp column, and this source has none "
                          "(set source.time_col)", path=cfg.source.path)
+    if cfg.event_log:
+        resolve_event_log(cfg.event_log, source)
     out = Location.of(cfg.output) if "://" in cfg.output else Path(cfg.output).resolve()
     if out.exists() and not cfg.overwrite:
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
@@ -242,12 +250,17 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str, Any]:
     splits = plan_splits(source, cfg.split_bytes)
+    sources = [source]
+    if cfg.event_log:
+        log_source = resolve_event_log(cfg.event_log, source)
+        sources.append(log_source)
+        splits += [dataclasses.replace(s, source_index=1) for s in plan_splits(log_source, cfg.split_bytes)]
     if not splits:
         raise InputError("no data to read", path=cfg.source.path)
     # 1 + 2: read, parse and group by user shard.
     ds = ray.data.from_items([dataclasses.asdict(s) for s in splits], override_num_blocks=len(splits))
     events = ds.map_batches(_parse_splits, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"source": source, "min_rating": cfg.min_rating, "num_shards": cfg.num_shards})
+                            fn_kwargs={"sources": sources, "min_rating": cfg.min_rating, "num_shards": cfg.num_shards})
     grouped = events.groupby("shard", num_partitions=min(cfg.num_shards, max(2, len(splits)))).map_groups(
         _group_shard, batch_format="pandas")
     try:
@@ -344,7 +357,9 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
         "config": redact_tree(cfg.to_dict()),
         "source_format": source.format,
         "inputs": [{"path": str(p), "bytes": p.size(), "sha256": p.sha256()}
-                   for p in source.files + ([source.items_path] if source.items_path else [])],
+                   for p in [f for src in sources for f in src.files] + ([source.items_path] if source.items_path
+                                                                          else [])],
+        "event_log": {"path": redact(cfg.event_log), "files": len(sources[1].files)} if cfg.event_log else None,
         "has_timestamps": source.has_timestamp,
         "has_ratings": source.has_rating,
         "rows_read": rows_read,

@@ -102,6 +102,7 @@ class Split:
     end: int
     row_group: int = -1
     row_offset: int = 0
+    source_index: int = 0      # 0: the source; 1: the event log read beside it
 
 
 @dataclasses.dataclass
@@ -120,6 +121,7 @@ class ResolvedSource:
     on_bad_row: str
     quoted: bool = False
     id_auto: bool = False             # ids read as strings, made ints at the end if all are
+    file_offset: int = 0              # a second input's files count on from the first's (row ords stay unique)
 
     @property
     def has_timestamp(self) -> bool:
@@ -280,8 +282,11 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
                               quoted=True, id_auto=cfg.id_type == "auto")
     # parquet
     files = path.glob("*.parquet") if path.is_dir() else [path]
+    partitioned = path.is_dir() and not files
+    if partitioned:                   # a folder of day=YYYY-MM-DD partitions: the live service's event log
+        files = event_log_files(path)
     if not files:
-        raise InputError("no *.parquet file in the folder", path=str(path))
+        raise InputError("no *.parquet file in the folder (nor day=*/ partitions of an event log)", path=str(path))
     try:
         with files[0].open() as handle:
             schema = pq.read_schema(handle)
@@ -291,8 +296,29 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
     roles = _assign_roles(fields, cfg, files[0], default_rating=None)
     user_type = schema.field(roles["user"]).type
     id_kind = "int" if pa.types.is_integer(user_type) and cfg.id_type != "str" else "str"
+    # the event log writes ids as strings (one schema for every file); integers in it become integers again
     return ResolvedSource(fmt, files, fields, roles, "", False, cfg.encoding, id_kind, items_path,
-                          cfg.on_bad_row)
+                          cfg.on_bad_row, id_auto=partitioned and id_kind == "str" and cfg.id_type == "auto")
+
+
+def event_log_files(path: Location) -> list[Location]:
+    """The Parquet files of an event log folder (``day=*/part-*.parquet``), in day then seq order."""
+    return [f for day in path.glob("day=*") for f in day.glob("*.parquet")]
+
+
+def resolve_event_log(location: str, main: ResolvedSource) -> ResolvedSource:
+    """The live service's event log (``raysrec events export``) as a second input beside ``main``: its ids are
+    read as ``main``'s (strings that are integers become integers), its rows numbered after ``main``'s."""
+    path = Location.of(location)
+    if not path.is_dir():
+        raise InputError("event log not found: expected the folder `raysrec events export` writes", path=str(path))
+    files = event_log_files(path)
+    roles = {"user": "user_id", "item": "item_id", "timestamp": "timestamp"}
+    if not main.has_timestamp:
+        raise InputError("the main input has no timestamps, so the event log's events cannot be put in order "
+                         "with its events (set source.time_col)", path=str(path))
+    return ResolvedSource("parquet", files, ["user_id", "item_id", "type", "timestamp"], roles, "", False, "utf-8",
+                          main.id_kind, None, main.on_bad_row, file_offset=len(main.files))
 
 
 def _assign_roles(fields: list[str], cfg: SourceConfig, path: Location, default_rating: Optional[str],
@@ -440,7 +466,7 @@ def _read_text_split(source: ResolvedSource, split: Split) -> pa.Table:
         cut = data.find(b"\n")
         data = b"" if cut < 0 else data[cut + 1:]
         first += 0 if cut < 0 else cut + 1
-    base_ord = split.file_index * _ORD_FILE_STRIDE + first
+    base_ord = (split.file_index + source.file_offset) * _ORD_FILE_STRIDE + first
     starts, blank = _line_starts(data)
     table = _fast_parse(source, data, int((~blank).sum()))
     if table is None:
@@ -635,7 +661,7 @@ def _read_parquet_split(source: ResolvedSource, split: Split) -> pa.Table:
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"cannot read row group {split.row_group} ({exc})", path=split.path) from None
     n = table.num_rows
-    ords = split.file_index * _ORD_FILE_STRIDE + split.row_offset + np.arange(n, dtype=np.int64)
+    ords = (split.file_index + source.file_offset) * _ORD_FILE_STRIDE + split.row_offset + np.arange(n, dtype=np.int64)
     cols = {}
     for role, name in source.roles.items():
         col = table.column(name)
@@ -646,7 +672,12 @@ def _read_parquet_split(source: ResolvedSource, split: Split) -> pa.Table:
                 raise InputError(f"expected integer or string ids, found type {col.type}", path=split.path, field=name)
             col = col.cast(pa.string()) if target == pa.string() else col
             if pa.types.is_string(col.type) and target == pa.int64():
-                raise InputError("expected integer ids, found strings", path=split.path, field=name)
+                # strings of digits (the event log's ids) are integers; anything else is not
+                digits = pc.match_substring_regex(col, r"^[0-9]{1,18}$")
+                if not pc.all(pc.fill_null(digits, True)).as_py():
+                    bad = col.filter(pc.invert(pc.fill_null(digits, True)))[0].as_py()
+                    raise InputError(f"expected integer ids (the other input's are integers), found {bad!r}; read "
+                                     "both as strings with --id-type str", path=split.path, field=name)
             col = col.cast(target)
         elif role == "timestamp" and pa.types.is_timestamp(col.type):
             col = pc.divide(pc.cast(pc.cast(col, pa.timestamp("us")), pa.int64()), 1e6)

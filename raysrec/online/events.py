@@ -44,8 +44,8 @@ class StoreConfig(Config):
     max_future_s: float = 86_400.0       # a timestamp further ahead of the server's clock is refused
     event_log: Optional[str] = option(None, "where acknowledged events are exported: Parquet by day, a path or URI")
     flush_interval_s: float = option(60.0, "how often a replica exports new events to the event log")
-    export_batch: int = 50_000           # events per export step (one Parquet file per day touched)
-    key_prefix: str = "raysrec"          # Redis keys start with it: several apps can share a server
+    export_batch: int = option(50_000, "events per export step (one Parquet file per day it touches)")
+    key_prefix: str = option("raysrec", "Redis keys start with it: several apps can share one server")
 
     def validate(self) -> None:
         check(self.url != "", "store.url: a sqlite:// or redis:// URL, a path, or none")

@@ -162,6 +162,8 @@ class Recommender:
             index = self.index.get(value)
             if index is None and not self.ids_are_ints and isinstance(value, int):
                 index = self.index.get(str(value))
+            elif index is None and self.ids_are_ints and isinstance(value, str) and value.isdigit():
+                index = self.index.get(int(value))        # "42" names item 42 of an integer catalogue
             if index is None:
                 unknown.append(value)
             else:
