@@ -98,7 +98,7 @@ PIPELINE_OPTIONS = ["output:--output,-o", "storage_path", "stage", "deploy"]
 INGEST_OPTIONS = ["source.path:input", "url", "rate", "batch_size", "type", "limit", "source.format",
                   "source.user_col", "source.item_col", "source.time_col", "source.sep", "source.id_type",
                   "source.on_bad_row"]
-EXPORT_OPTIONS = ["url:--store", "event_log:--event-log", "export_batch:--batch", "key_prefix"]
+EXPORT_OPTIONS = ["url:--store", "event_log:--event-log", "export_batch:--batch", "export_lease_s", "key_prefix"]
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -298,10 +298,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     ensure_ray(num_cpus=args.num_cpus, serve_env=cfg.ray_serve_env())
     run(cfg)
     url = cfg.url
-    print(f"serving {cfg.model_dir} at {url}  (POST /recommend, POST /score, GET /model, GET /healthz)")
+    print(f"serving {cfg.model_dir} at {url}  (POST /recommend, POST /score, GET /model, GET /healthz)", flush=True)
     if cfg.store.enabled:
         print(f"live state in {redact(cfg.store.url)}  (POST /events, GET /users/ID/history, DELETE /users/ID)"
-              + (f"; event log: {redact(cfg.store.event_log)}" if cfg.store.event_log else ""))
+              + (f"; event log: {redact(cfg.store.event_log)}" if cfg.store.event_log else ""), flush=True)
     print(f"try: curl -s {url}/recommend -H 'content-type: application/json' -d '{{\"history\": [], \"k\": 5}}'")
     if not args.detach:
         _serve_until_stopped(cfg.app_name)
@@ -372,7 +372,7 @@ def _cmd_events_export(args: argparse.Namespace) -> int:
     check_store(cfg)
     bar = _progress_bar("events")
     with open_store(cfg) as store:
-        result = export_events(store, cfg.event_log, batch=cfg.export_batch, progress=bar)
+        result = export_events(store, cfg.event_log, batch=cfg.export_batch, lease_s=cfg.export_lease_s, progress=bar)
     bar(None, None)
     print(json.dumps(result, indent=2))
     if "skipped" in result:

@@ -45,6 +45,8 @@ class StoreConfig(Config):
     event_log: Optional[str] = option(None, "where acknowledged events are exported: Parquet by day, a path or URI")
     flush_interval_s: float = option(60.0, "how often a replica exports new events to the event log")
     export_batch: int = option(50_000, "events per export step (one Parquet file per day it touches)")
+    export_lease_s: float = option(30.0, "an exporter's lease, renewed every export step: a killed exporter holds "
+                                         "the others off this long")
     key_prefix: str = option("raysrec", "Redis keys start with it: several apps can share one server")
 
     def validate(self) -> None:
@@ -59,6 +61,7 @@ class StoreConfig(Config):
         check(self.max_future_s >= 0, "store.max_future_s must be >= 0")
         check(self.flush_interval_s > 0, "store.flush_interval_s must be > 0")
         check(self.export_batch >= 1, "store.export_batch must be >= 1")
+        check(self.export_lease_s > 0, "store.export_lease_s must be > 0")
 
     @property
     def enabled(self) -> bool:

@@ -71,7 +71,7 @@ def table_of(events: list[StoredEvent]) -> pa.Table:
 
 
 def export_events(store: EventStore, log: str, batch: int = 50_000, owner: Optional[str] = None,
-                  lease_s: float = 300.0, max_windows: Optional[int] = None, progress=None) -> dict[str, Any]:
+                  lease_s: float = 30.0, max_windows: Optional[int] = None, progress=None) -> dict[str, Any]:
     """Export every event the store acknowledged after the log's cursor; returns what was done.
 
     ``{"exported": n, "files": f, "last_seq": cursor, "skipped": "..."}``; skipped says why nothing ran (another

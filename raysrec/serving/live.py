@@ -119,7 +119,7 @@ class LiveState:
         store = open_store(self.cfg)
         try:
             return export_events(store, self.cfg.event_log, batch=self.cfg.export_batch, owner=self.owner,
-                                 max_windows=max_windows)
+                                 lease_s=self.cfg.export_lease_s, max_windows=max_windows)
         finally:
             store.close()
 
