@@ -36,6 +36,7 @@ from raysrec.data.pipeline import PrepareConfig
 from raysrec.data.synth import SynthConfig
 from raysrec.errors import RaysrecError
 from raysrec.files import filesystem, join, publish
+from raysrec.online.events import StoreConfig
 from raysrec.serving.batch import RecommendConfig
 from raysrec.serving.config import ServeConfig
 from raysrec.text.embed import EmbedConfig
@@ -67,6 +68,10 @@ class PipelineConfig(Config):
     recommend: Optional[RecommendConfig] = None
     deploy: bool = option(True, 'deploy on Serve and send a smoke query')
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
+    # The live state the deployed app keeps (serve.store; default: <output>/state/events.db). With an event_log,
+    # the pipeline is the nightly retrain of a live system: it exports the store's new events into the log, and
+    # prepare reads the log beside the source (prepare.event_log), so the next model learns what was served.
+    store: Optional[StoreConfig] = None
     smoke_k: int = 5
 
     @classmethod
@@ -94,6 +99,13 @@ class PipelineConfig(Config):
                 for key, value in paths.items():
                     if not node.get(key):
                         node[key] = value
+        store = data.get("store")
+        if isinstance(data["serve"], dict) and isinstance(store, dict):
+            data["serve"].setdefault("store", store)
+            if store.get("event_log") and isinstance(data["prepare"], dict):
+                data["prepare"].setdefault("event_log", store["event_log"])
+        elif isinstance(data["serve"], dict) and not data["serve"].get("store"):
+            data["serve"]["store"] = {"url": f"sqlite:///{root}/state/events.db"}
         if isinstance(data["prepare"], dict):
             source = data["prepare"].setdefault("source", {})
             if isinstance(source, dict) and not source.get("path") and isinstance(data["synth"], dict):
@@ -170,6 +182,21 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict[str, Any]:
     # 1. data
     t = step(1, "prepare (Ray Data)")
     prep = cfg.prepare.replace(overwrite=True)  # the pipeline owns its prepared folder
+    if cfg.store is not None and cfg.store.enabled and cfg.store.event_log:
+        from raysrec.online.log import export_events  # noqa: PLC0415
+        from raysrec.online.store import open_store  # noqa: PLC0415
+
+        live = cfg.store.absolute()
+        with open_store(live) as store:      # the replicas' scheduled flush may hold the lease: wait for it
+            deadline = time.time() + 2 * live.export_lease_s
+            while "skipped" in (exported := export_events(store, live.event_log, batch=live.export_batch,
+                                                          lease_s=live.export_lease_s)) and time.time() < deadline:
+                time.sleep(0.5)
+        if "skipped" in exported:
+            raise PipelineError(f"could not export the live events to {redact(live.event_log)}: {exported['skipped']}")
+        log(f"      live events: {exported['exported']:,} more exported to {redact(live.event_log)} "
+            f"(every event up to seq {exported['last_seq']})")
+        summary["live_events"] = exported
     if prep.source.path == cfg.synth.output:
         write(cfg.synth)
         log(f"      synthetic log: {cfg.synth.num_events:,} events -> {cfg.synth.output}")

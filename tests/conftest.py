@@ -63,6 +63,14 @@ def synth_prepared(ray_local, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """One HTTP port per test session: Serve's proxy keeps its port for the life of the Ray instance."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # Tests that start Ray (directly or through these fixtures) are end-to-end: `make test-fast` leaves them out.
 RAY_FIXTURES = {"ray_local", "synth_prepared", "ml100k_prepared", "endpoint", "trained_model", "embedded"}
 

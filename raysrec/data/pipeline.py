@@ -53,8 +53,8 @@ from raysrec.data.sources import (
     plan_splits,
     read_item_metadata,
     read_split,
-    resolve_event_log,
     resolve_source,
+    with_event_log,
 )
 from raysrec.data.split import SplitConfig, SplitSpec
 from raysrec.errors import InputError
@@ -198,7 +198,7 @@ def check_inputs(cfg: PrepareConfig) -> ResolvedSource:
         raise InputError("prepare.split.protocol global_time needs a timestamp column, and this source has none "
                          "(set source.time_col)", path=cfg.source.path)
     if cfg.event_log:
-        resolve_event_log(cfg.event_log, source)
+        with_event_log(source, cfg.event_log)
     out = Location.of(cfg.output) if "://" in cfg.output else Path(cfg.output).resolve()
     if out.exists() and not cfg.overwrite:
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
@@ -249,11 +249,12 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str, Any]:
-    splits = plan_splits(source, cfg.split_bytes)
     sources = [source]
     if cfg.event_log:
-        log_source = resolve_event_log(cfg.event_log, source)
-        sources.append(log_source)
+        source, log_source = with_event_log(source, cfg.event_log)
+        sources = [source, log_source]
+    splits = plan_splits(source, cfg.split_bytes)
+    if cfg.event_log:
         splits += [dataclasses.replace(s, source_index=1) for s in plan_splits(log_source, cfg.split_bytes)]
     if not splits:
         raise InputError("no data to read", path=cfg.source.path)

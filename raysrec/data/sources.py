@@ -306,19 +306,25 @@ def event_log_files(path: Location) -> list[Location]:
     return [f for day in path.glob("day=*") for f in day.glob("*.parquet")]
 
 
-def resolve_event_log(location: str, main: ResolvedSource) -> ResolvedSource:
-    """The live service's event log (``raysrec events export``) as a second input beside ``main``: its ids are
-    read as ``main``'s (strings that are integers become integers), its rows numbered after ``main``'s."""
+def with_event_log(main: ResolvedSource, location: str) -> tuple[ResolvedSource, ResolvedSource]:
+    """``main`` and the live service's event log (``raysrec events export``) as a second input beside it.
+
+    The log's ids are strings (live user ids often are, whatever the base log's are), so both inputs are read as
+    strings and made integers at the end where every id is one (``id_auto``); the log's rows are numbered after
+    ``main``'s."""
     path = Location.of(location)
     if not path.is_dir():
         raise InputError("event log not found: expected the folder `raysrec events export` writes", path=str(path))
-    files = event_log_files(path)
-    roles = {"user": "user_id", "item": "item_id", "timestamp": "timestamp"}
     if not main.has_timestamp:
         raise InputError("the main input has no timestamps, so the event log's events cannot be put in order "
                          "with its events (set source.time_col)", path=str(path))
-    return ResolvedSource("parquet", files, ["user_id", "item_id", "type", "timestamp"], roles, "", False, "utf-8",
-                          main.id_kind, None, main.on_bad_row, file_offset=len(main.files))
+    if main.id_kind == "int":
+        main = dataclasses.replace(main, id_kind="str", id_auto=True)
+    roles = {"user": "user_id", "item": "item_id", "timestamp": "timestamp"}
+    log = ResolvedSource("parquet", event_log_files(path), ["user_id", "item_id", "type", "timestamp"], roles, "",
+                         False, "utf-8", "str", None, main.on_bad_row, id_auto=main.id_auto,
+                         file_offset=len(main.files))
+    return main, log
 
 
 def _assign_roles(fields: list[str], cfg: SourceConfig, path: Location, default_rating: Optional[str],
@@ -672,12 +678,7 @@ def _read_parquet_split(source: ResolvedSource, split: Split) -> pa.Table:
                 raise InputError(f"expected integer or string ids, found type {col.type}", path=split.path, field=name)
             col = col.cast(pa.string()) if target == pa.string() else col
             if pa.types.is_string(col.type) and target == pa.int64():
-                # strings of digits (the event log's ids) are integers; anything else is not
-                digits = pc.match_substring_regex(col, r"^[0-9]{1,18}$")
-                if not pc.all(pc.fill_null(digits, True)).as_py():
-                    bad = col.filter(pc.invert(pc.fill_null(digits, True)))[0].as_py()
-                    raise InputError(f"expected integer ids (the other input's are integers), found {bad!r}; read "
-                                     "both as strings with --id-type str", path=split.path, field=name)
+                raise InputError("expected integer ids, found strings", path=split.path, field=name)
             col = col.cast(target)
         elif role == "timestamp" and pa.types.is_timestamp(col.type):
             col = pc.divide(pc.cast(pc.cast(col, pa.timestamp("us")), pa.int64()), 1e6)

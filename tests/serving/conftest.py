@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -21,14 +20,6 @@ def trained_model(synth_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("served") / "model"
     fit(TrainConfig(data=str(synth_prepared), output=str(out), model=TINY, epochs=2), use_ray=False)
     return out
-
-
-@pytest.fixture(scope="session")
-def serve_port() -> int:
-    """One HTTP port per test session: Serve's proxy keeps its port for the life of the Ray instance."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, timeout: float = 120.0) -> None:
