@@ -1,7 +1,8 @@
 """A closed-loop HTTP load generator for the endpoint, run in its own process.
 
-``concurrency`` clients each POST ``/recommend`` with a random history (or GET another path, such
-as ``/healthz`` to measure the server's floor: everything but the model), wait for the answer and
+``concurrency`` clients each POST ``/recommend`` with a random history (or, when the JSON file holds request
+bodies instead of item ids, a random one of them as is: ``{"user_id": ...}`` for the live form), or GET another
+path, such as ``/healthz`` to measure the server's floor: everything but the model, wait for the answer and
 send the next, until ``total`` requests or ``seconds`` have passed. Every request is counted:
 ``ok`` (HTTP 200), or ``failed`` under its status code or the client error's name.
 
@@ -32,7 +33,8 @@ async def closed_loop(url: str, ids: list[Any], concurrency: int, total: int, se
     import aiohttp  # noqa: PLC0415
 
     rng = np.random.default_rng(seed)
-    pool = np.asarray(ids)              # once: rng.choice on a list copies it every call (a 1M-item catalogue: ~30 ms)
+    bodies = ids if ids and isinstance(ids[0], dict) else None
+    pool = np.asarray([] if bodies else ids)   # once: rng.choice on a list copies it every call (1M items: ~30 ms)
     latencies: list[float] = []
     failures: Counter[str] = Counter()
     sent = 0
@@ -42,9 +44,12 @@ async def closed_loop(url: str, ids: list[Any], concurrency: int, total: int, se
         nonlocal sent
         while sent < total and time.perf_counter() < deadline:
             sent += 1
-            history = pool[rng.integers(0, len(pool), int(rng.integers(5, 51)))].tolist()
+            if bodies is not None:
+                body = bodies[int(rng.integers(0, len(bodies)))]
+            else:
+                body = {"history": pool[rng.integers(0, len(pool), int(rng.integers(5, 51)))].tolist(), "k": 10}
             started = time.perf_counter()
-            request = (session.post(f"{url}{path}", json={"history": history, "k": 10}) if path == "/recommend"
+            request = (session.post(f"{url}{path}", json=body) if path == "/recommend"
                        else session.get(f"{url}{path}"))
             try:
                 async with request as response:

@@ -27,9 +27,10 @@ handler blocks it (required by Serve's throughput-optimised mode, which runs the
 
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -53,11 +54,23 @@ from raysrec.serving.http import (
     score_response,
 )
 from raysrec.serving.live import LiveState
-from raysrec.serving.recommender import Answer, Query, Recommender
+from raysrec.serving.recommender import Query, Recommender
 
 __all__ = ["ServeConfig", "build_app", "run"]
 
 api = make_api()
+
+
+@dataclasses.dataclass
+class ByUser:
+    """A ``/recommend {"user_id"}`` request waiting for its model batch (its history is read there)."""
+
+    request: RecommendRequest
+    user: str
+    now: float
+
+    def query(self, events: list) -> Query:
+        return self.request.user_query([e.item_id for e in events], [e.timestamp for e in events], self.now)
 
 
 @serve.deployment(name="recommender")
@@ -77,7 +90,7 @@ class RecommenderServer:
                                     threads=self.cfg.torch_threads)
         self.version = self.rec.metadata["version"]
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysrec-model")
-        self._batcher = MicroBatcher(self.rec.run, self._pool, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
+        self._batcher = MicroBatcher(self._run_batch, self._pool, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self.reconfigure({"batching": self.cfg.batching, "max_batch_size": self.cfg.max_batch_size,
                           "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s})
         self.live = LiveState(self.cfg.store, lambda ids: self.rec.lookup(ids)[2]) if self.cfg.store.enabled else None
@@ -97,11 +110,28 @@ class RecommenderServer:
         self._batcher.max_batch_size = self.batch_options["max_batch_size"]
         self._batcher.wait = self.batch_options["batch_wait_timeout_s"]
 
-    async def _answer(self, query: Query) -> Answer:
+    async def _answer(self, query: Query | ByUser) -> Any:
         if self.batching:
             return await self._batcher(query)
-        answers = await asyncio.get_running_loop().run_in_executor(self._pool, self.rec.run, [query])
+        answers = await asyncio.get_running_loop().run_in_executor(self._pool, self._run_batch, [query])
         return answers[0]
+
+    def _run_batch(self, batch: list[Query | ByUser]) -> list[Any]:
+        """One model batch, on the model thread: the stored histories of the batch's user_id requests are read in
+        one store call right before the forward pass (no extra thread hop, one read per batch)."""
+        users = [b.user for b in batch if isinstance(b, ByUser)]
+        stored: dict[str, list] = {}
+        failed: Optional[StoreUnavailable] = None
+        if users:
+            try:
+                stored = self.live.model_reader.histories(users)
+            except StoreUnavailable as exc:
+                failed = exc
+        queries = [b.query(stored[b.user]) if isinstance(b, ByUser) and failed is None else b for b in batch]
+        runnable = [q for q in queries if isinstance(q, Query)]
+        answers = iter(self.rec.run(runnable) if runnable else [])
+        return [failed if isinstance(q, ByUser) else (next(answers), len(stored[b.user])) if isinstance(b, ByUser)
+                else next(answers) for q, b in zip(queries, batch)]
 
     @api.post("/recommend", response_model=RecommendResponse, openapi_extra=request_schema(RecommendRequest))
     async def recommend(self, request: Request) -> Response:
@@ -111,12 +141,11 @@ class RecommenderServer:
         if self.live is None:
             return error_response(422, "body.user_id: this endpoint keeps no live state (store.url none); "
                                        "send the history")
-        try:
-            events = await self.live.history(user_key(body.user_id))
-        except StoreUnavailable as exc:
-            return error_response(503, str(exc), {"Retry-After": "1"})
-        query = body.user_query([e.item_id for e in events], [e.timestamp for e in events], time.time())
-        return recommend_response(await self._answer(query), self.version, history_events=len(events))
+        result = await self._answer(ByUser(body, user_key(body.user_id), time.time()))
+        if isinstance(result, StoreUnavailable):
+            return error_response(503, str(result), {"Retry-After": "1"})
+        answer, events = result
+        return recommend_response(answer, self.version, history_events=events)
 
     @api.post("/events")
     async def events(self, request: Request) -> Response:

@@ -1,8 +1,9 @@
 """The live-state side of a replica, without Ray: ``POST /events``, stored histories for ``/recommend``,
 ``GET /users/{id}/history``, ``DELETE /users/{id}``, and the scheduled event-log flush.
 
-Each replica opens two connections to the store: one for writes (on the ingest thread: an append waits for
-its fsync there) and one for reads (histories, batched: concurrent ``/recommend`` calls share one read), so a
+Each replica opens three connections to the store: one for writes (on the ingest thread: an append waits for
+its fsync there), one for ``/recommend {"user_id"}`` (on the model thread: one read for all the user_id
+requests of a model batch, right before its forward pass) and one for ``GET /users/{id}/history``, so a
 write never holds up a read. ``POST /events`` answers only after ``append`` returned, that is after the
 events are durable; when ``max_pending_requests`` appends already wait, it answers 429 with ``Retry-After``.
 """
@@ -39,6 +40,7 @@ class LiveState:
         self.cfg, self.known = cfg, known
         self.writer: EventStore = open_store(cfg)
         self.reader: EventStore = open_store(cfg)
+        self.model_reader: EventStore = open_store(cfg)   # read by the model thread, one call per model batch
         self._write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysrec-ingest")
         self._read_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raysrec-history")
         self._reads = MicroBatcher(self._read_histories, self._read_pool, 256, 0.0)
@@ -144,6 +146,7 @@ class LiveState:
         self._read_pool.shutdown(wait=True)
         self.writer.close()
         self.reader.close()
+        self.model_reader.close()
 
 
 def check_store(cfg: StoreConfig) -> None:
