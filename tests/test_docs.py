@@ -120,9 +120,9 @@ def _quickstart() -> tuple[list[str], list[str]]:
 
 
 def _send(curl: str) -> requests.Response:
-    """A `curl -s URL [-H 'k: v'] [-d BODY]` line, sent as written."""
+    """A `curl -s [-X METHOD] URL [-H 'k: v'] [-d BODY]` line, sent as written."""
     words = shlex.split(curl)[1:]
-    headers, body, url = {}, None, None
+    headers, body, url, method = {}, None, None, None
     it = iter(words)
     for word in it:
         if word == "-H":
@@ -130,10 +130,20 @@ def _send(curl: str) -> requests.Response:
             headers[key.strip()] = value.strip()
         elif word == "-d":
             body = next(it)
+        elif word == "-X":
+            method = next(it)
         elif not word.startswith("-"):
             url = word if "://" in word else f"http://{word}"
-    return requests.post(url, data=body, headers=headers, timeout=30) if body is not None else \
-        requests.get(url, timeout=30)
+    method = method or ("POST" if body is not None else "GET")
+    return requests.request(method, url, data=body, headers=headers, timeout=30)
+
+
+def _live_session() -> list[str]:
+    """The README's "Live service" curl session."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Live service"):]
+    section = section[:section.index("\n## ", 1)]
+    return [c for c in _code_blocks(section) if c.startswith("curl ")]
 
 
 def test_the_readme_quickstart_runs_as_written(ray_local, tmp_path, ray_tmp, monkeypatch, capsys):
@@ -166,6 +176,14 @@ def test_the_readme_quickstart_runs_as_written(ray_local, tmp_path, ray_tmp, mon
         recommend, model = (_send(c) for c in requests_shown)
         assert recommend.status_code == 200 and len(recommend.json()["items"]) == 5, recommend.text
         assert model.status_code == 200 and model.json()["num_items"] == 200
+        # the README's live session, on the same server (its state in ./raysrec-state, the default store)
+        posted, first, posted_again, second, history, forgot = (_send(c) for c in _live_session())
+        assert posted.json() == {"accepted": 2, "duplicates": 0, "unknown_items": []}, posted.text
+        assert (first.json()["form"], first.json()["history_events"], second.json()["history_events"]) == \
+            ("user_id", 2, 3)
+        assert posted_again.json()["accepted"] == 1 and first.json()["items"] != second.json()["items"]
+        assert [e["item_id"] for e in history.json()["events"]] == [12, 7, 30]
+        assert forgot.json()["deleted"] == 3 and (tmp_path / "raysrec-state" / "events.db").is_file()
     finally:
         proc.terminate()
         try:
