@@ -97,8 +97,12 @@ def test_every_documented_command_exists(page, command, runnable):
         except SystemExit as exc:
             pytest.fail(f"{page}: `{command}` does not parse with today's CLI (exit {exc.code})")
         return
-    known = subs[sub]._option_string_actions
-    for token in words[2:]:
+    target, rest = subs[sub], words[2:]
+    nested = next((a for a in target._actions if a.__class__.__name__ == "_SubParsersAction"), None)
+    if nested is not None and rest and rest[0] in nested.choices:      # `raysrec events ingest ...`
+        target, rest = nested.choices[rest[0]], rest[1:]
+    known = target._option_string_actions
+    for token in rest:
         flag = re.sub(r"[^\w-].*$", "", token.lstrip("[").split("=")[0])
         if re.fullmatch(r"--?[a-zA-Z][\w-]*", flag):
             assert flag in known, f"{page}: `raysrec {sub}` has no option {flag}"
