@@ -4,8 +4,10 @@ v2 knows the new items, every user's state survived the swap, and no request fai
 
 from __future__ import annotations
 
+import json
 import threading
 
+import pandas as pd
 import pytest
 import requests
 
@@ -61,6 +63,12 @@ def test_nightly_pipeline_learns_the_live_events_and_swaps_without_losing_state(
             stop.set()
             client.join(timeout=120)
         assert second["live_events"]["last_seq"] == 60
+        warm = json.loads((tmp_path / "night2" / "best" / "checkpoint" / "state.json").read_text())["init_from"]
+        assert warm["model"] == str(tmp_path / "night1" / "best")            # warm-started from last night
+        assert warm["known_items"] + warm["new_items"] == second["data"]["num_items"] and warm["new_items"] == 5
+        recs = pd.read_parquet(tmp_path / "night2" / "recommendations" / "recommendations")
+        assert second["recommend"]["rows"] == len(recs) == second["data"]["num_users"]   # everyone's top-5
+        assert recs["item_ids"].map(len).eq(5).all()
         assert not failures and answered[0] > 0, failures[:3]
 
         v2 = requests.get(f"{url}/model", timeout=30).json()

@@ -140,3 +140,35 @@ def test_a_flooding_user_is_capped_in_the_hot_state_and_the_log_keeps_everything
         time.sleep(0.5)
     assert mine["event_id"].tolist() == [f"{user}-{n}" for n in range(100)]
     assert not log["event_id"].duplicated().any()
+
+
+def test_the_same_contract_with_a_redis_store(ray_local, trained_model, serve_port, redis_server, catalogue):
+    """The endpoint on a real redis-server: events, the user_id form equal to the history form, 409, history."""
+    from ray import serve
+
+    from raysrec.online.events import StoreConfig
+    from raysrec.serving.app import run
+    from raysrec.serving.config import ServeConfig
+    from tests.serving.conftest import wait_healthy
+
+    cfg = ServeConfig(model_dir=str(trained_model), port=serve_port, app_name="live-redis", route_prefix="/redis",
+                      store=StoreConfig(url=redis_server.url, key_prefix=f"http{uuid.uuid4().hex[:6]}"))
+    run(cfg)
+    url = f"http://127.0.0.1:{serve_port}/redis"
+    try:
+        wait_healthy(url)
+        assert requests.get(f"{url}/model", timeout=30).json()["store"]["kind"] == "RedisStore"
+        user, items = new_user(), [catalogue[i] for i in (4, 9, 2)]
+        events = [{"event_id": f"{user}-{n}", "user_id": user, "item_id": item, "timestamp": 10.0 + n}
+                  for n, item in enumerate(items)]
+        assert post(url, "/events", {"events": events}).json() == {"accepted": 3, "duplicates": 0, "unknown_items": []}
+        assert post(url, "/events", {"events": events[:1]}).json()["duplicates"] == 1
+        assert post(url, "/events", {"events": [{**events[0], "item_id": catalogue[5]}]}).status_code == 409
+        by_user = post(url, "/recommend", {"user_id": user, "k": 10, "now": 20.0}).json()
+        by_history = post(url, "/recommend", {"history": items, "timestamps": [10.0, 11.0, 12.0], "k": 10,
+                                              "now": 20.0}).json()
+        assert by_user["items"] == by_history["items"] and by_user["history_events"] == 3
+        assert [e["item_id"] for e in requests.get(f"{url}/users/{user}/history", timeout=30).json()["events"]] == items
+        assert requests.delete(f"{url}/users/{user}", timeout=30).json()["deleted"] == 3
+    finally:
+        serve.delete(cfg.app_name)
