@@ -73,8 +73,8 @@ def log_events(source: Path) -> pd.DataFrame:
 
     table, _, as_ints = read_events(ReplayConfig(source=SourceConfig(path=str(source))))
     frame = table.select(["user", "item", "timestamp", "ord"]).to_pandas()
-    if as_ints:
-        frame["user"], frame["item"] = frame["user"].astype(np.int64), frame["item"].astype(np.int64)
+    for column in as_ints:
+        frame[column] = frame[column].astype(np.int64)
     return frame
 
 

@@ -50,9 +50,9 @@ class ReplayError(RaysrecError):
     """The server refused a batch (a 4xx other than 429), or stayed unreachable."""
 
 
-def read_events(cfg: ReplayConfig) -> tuple[pa.Table, dict[str, int], bool]:
-    """Every row of the log in (timestamp, row) order, the rows left out by reason, and whether its ids are
-    integers read as strings (``prepare`` makes such ids integers)."""
+def read_events(cfg: ReplayConfig) -> tuple[pa.Table, dict[str, int], set[str]]:
+    """Every row of the log in (timestamp, row) order, the rows left out by reason, and which of its id columns
+    (``user``, ``item``) are integers read as strings (``prepare`` makes such ids integers, column by column)."""
     source = resolve_source(cfg.source)
     tables = [read_split(source, split) for split in plan_splits(source)]
     table = pa.concat_tables(tables) if tables else pa.table({})
@@ -63,9 +63,8 @@ def read_events(cfg: ReplayConfig) -> tuple[pa.Table, dict[str, int], bool]:
     table = table.sort_by(keys)
     if cfg.limit:
         table = table.slice(0, cfg.limit)
-    as_ints = source.id_auto and all(
-        pc.all(pc.match_substring_regex(table.column(c), r"^[0-9]{1,18}$")).as_py() is not False
-        for c in ("user", "item"))
+    as_ints = {c for c in ("user", "item") if source.id_auto and
+               pc.all(pc.match_substring_regex(table.column(c), r"^[0-9]{1,18}$")).as_py() is not False}
     return table, dropped, as_ints
 
 
@@ -110,8 +109,10 @@ def replay(cfg: ReplayConfig, progress: Optional[Callable[[int, int], None]] = N
     n = table.num_rows
     users = table.column("user").to_pylist()
     items = table.column("item").to_pylist()
-    if as_ints:              # ids read as strings and all integers: sent as integers, as prepare keeps them
-        users, items = [int(u) for u in users], [int(i) for i in items]
+    if "user" in as_ints:    # ids read as strings and all integers: sent as integers, as prepare keeps them
+        users = [int(u) for u in users]
+    if "item" in as_ints:
+        items = [int(i) for i in items]
     stamps = table.column("timestamp").to_pylist() if "timestamp" in table.column_names else [None] * n
     ords = table.column("ord").to_pylist()
     prefix = _id_prefix(cfg)
@@ -140,6 +141,7 @@ def replay(cfg: ReplayConfig, progress: Optional[Callable[[int, int], None]] = N
     finally:
         client.close()
     seconds = time.monotonic() - started
+    totals.pop("answered", None)
     return {**totals, "unknown_items": len(unknown), "rows_left_out": dropped, "seconds": round(seconds, 2),
             "events_per_second": round(n / seconds, 1) if seconds > 0 else None}
 
@@ -154,7 +156,10 @@ def _post_until_taken(client: Client, batch: list[dict[str, Any]], cfg: ReplayCo
         except (OSError, http.client.HTTPException) as exc:
             status, body, headers = 0, {"error": str(exc)}, {}
         if status == 200:
+            totals["answered"] = 1
             return body
+        if status == 0 and not totals.get("answered"):   # nothing ever answered: a wrong URL, not a busy server
+            raise ReplayError(f"no server answers at {cfg.url} ({body['error']}); start one with `raysrec serve`")
         if status not in (0, 429, 502, 503, 504):
             first = batch[0]["event_id"]
             raise ReplayError(f"{cfg.url}/events refused the batch starting at event {first} with {status}: "

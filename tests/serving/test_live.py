@@ -3,6 +3,7 @@ a user's history, forgetting a user, hostile input, and the scheduled flush into
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -172,3 +173,20 @@ def test_the_same_contract_with_a_redis_store(ray_local, trained_model, serve_po
         assert requests.delete(f"{url}/users/{user}", timeout=30).json()["deleted"] == 3
     finally:
         serve.delete(cfg.app_name)
+
+
+def test_events_ingest_replays_a_log_in_time_order_once(endpoint, catalogue, tmp_path, capsys):
+    from raysrec.cli import main
+
+    log = tmp_path / "later.csv"
+    rows = [("replayer", catalogue[i], 3000 - i) for i in range(10)]          # written newest first
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    assert main(["events", "ingest", str(log), "--url", endpoint, "--batch-size", "4"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert (first["events"], first["accepted"], first["duplicates"]) == (10, 10, 0)
+    assert main(["events", "ingest", str(log), "--url", endpoint]) == 0            # again: nothing stored twice
+    assert json.loads(capsys.readouterr().out)["duplicates"] == 10
+    stored = requests.get(f"{endpoint}/users/replayer/history", timeout=30).json()["events"]
+    assert [e["item_id"] for e in stored] == [catalogue[i] for i in reversed(range(10))]   # in time order
+    assert main(["events", "ingest", str(log), "--url", "http://127.0.0.1:9"]) == 2       # no server: at once
+    assert "no server answers at http://127.0.0.1:9" in capsys.readouterr().err
