@@ -164,6 +164,13 @@ def trial_table(grid, params: list[Param]) -> pd.DataFrame:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         best = by_id.get(trial_id, {})
         history = result.metrics_dataframe
+        if history is not None and BEST_SCORE in history and len(history):
+            # the trial's own results on disk: complete even for a trial restored after a killed driver, whose
+            # in-memory metrics (what get_dataframe reads) can miss its last results. idxmax: the first of equal
+            # scores, the earlier epoch, as the loop chose
+            chosen = history.loc[history[BEST_SCORE].astype(float).idxmax()].to_dict()
+            kept = [c.path for c, m in (result.best_checkpoints or []) if m.get("epoch") == chosen.get("epoch")]
+            best = {**chosen, "checkpoint_path": best.get("checkpoint_path") or (kept[0] if kept else None)}
         row: dict[str, Any] = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
                                **{f"param.{k}": result.config.get(k) for k in searched},
                                "epochs": int(history["epoch"].max()) if history is not None and "epoch" in history
