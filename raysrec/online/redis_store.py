@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from raysrec.config import redact
 from raysrec.online.events import AppendResult, Event, EventConflict, StoredEvent, StoreUnavailable
 from raysrec.online.store import EventStore, duplicates_within
 
@@ -75,13 +76,13 @@ class RedisStore(EventStore):
             info = self._redis.info("server")
             config = self._redis.config_get("append*")
         except self._errors as exc:
-            raise StoreUnavailable(f"cannot reach Redis at {_shown(url)}: {exc}") from None
+            raise StoreUnavailable(f"cannot reach Redis at {redact(url)}: {exc}") from None
         version = tuple(int(x) for x in str(info["redis_version"]).split(".")[:2])
         self.waitaof = version >= (7, 2)
         self.durability = f"appendonly {config.get('appendonly')}, appendfsync {config.get('appendfsync')}"
         if config.get("appendonly") != "yes" or (config.get("appendfsync") != "always" and not self.waitaof):
             log.warning("Redis at %s runs with %s: an acknowledged event can be lost if it crashes (run it with "
-                        "appendonly yes and appendfsync always)", _shown(url), self.durability)
+                        "appendonly yes and appendfsync always)", redact(url), self.durability)
         self._append = self._redis.register_script(APPEND)
         self._renew = self._redis.register_script(RENEW)
         self._release = self._redis.register_script(RELEASE)
@@ -173,8 +174,3 @@ class RedisStore(EventStore):
     def close(self) -> None:
         self._redis.close()
 
-
-def _shown(url: str) -> str:
-    from raysrec.config import redact  # noqa: PLC0415
-
-    return redact(url)

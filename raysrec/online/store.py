@@ -9,13 +9,13 @@ export (:mod:`raysrec.online.log`) uses as its resumable cursor. Histories are o
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
 from raysrec.errors import ConfigError
-from raysrec.online.events import AppendResult, Event, StoreConfig, StoredEvent
+from raysrec.online.events import AppendResult, Event, EventConflict, StoreConfig, StoredEvent
 
 
 class EventStore(abc.ABC):
@@ -73,8 +73,6 @@ class EventStore(abc.ABC):
 def duplicates_within(events: Sequence[Event]) -> tuple[list[int], dict[str, int]]:
     """Indices of the first occurrence of each ``event_id`` in a batch; a later repeat with another fingerprint
     raises ``EventConflict`` (the store checks the ids it already holds)."""
-    from raysrec.online.events import EventConflict  # noqa: PLC0415
-
     first: dict[str, int] = {}
     keep: list[int] = []
     for i, e in enumerate(events):
@@ -116,15 +114,3 @@ def open_store(cfg: StoreConfig) -> EventStore:
     from raysrec.online.sqlite_store import SqliteStore  # noqa: PLC0415
 
     return SqliteStore(sqlite_path(cfg.url), max_history=cfg.max_history)
-
-
-def describe(url: str) -> str:
-    """The URL without a password, for messages."""
-    from raysrec.config import redact  # noqa: PLC0415
-
-    return redact(url)
-
-
-def newest(events: Iterable[StoredEvent], n: int) -> list[StoredEvent]:
-    ordered = sorted(events, key=lambda e: (e.timestamp, e.seq))
-    return ordered[-n:]

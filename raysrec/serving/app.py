@@ -127,11 +127,16 @@ class RecommenderServer:
                 stored = self.live.model_reader.histories(users)
             except StoreUnavailable as exc:
                 failed = exc
-        queries = [b.query(stored[b.user]) if isinstance(b, ByUser) and failed is None else b for b in batch]
-        runnable = [q for q in queries if isinstance(q, Query)]
-        answers = iter(self.rec.run(runnable) if runnable else [])
-        return [failed if isinstance(q, ByUser) else (next(answers), len(stored[b.user])) if isinstance(b, ByUser)
-                else next(answers) for q, b in zip(queries, batch)]
+        runnable = [b for b in batch if not (isinstance(b, ByUser) and failed)]     # a store error fails user_id only
+        answers = iter(self.rec.run([b.query(stored[b.user]) if isinstance(b, ByUser) else b for b in runnable])
+                       if runnable else [])
+        out: list[Any] = []
+        for b in batch:
+            if isinstance(b, ByUser):
+                out.append(failed or (next(answers), len(stored[b.user])))
+            else:
+                out.append(next(answers))
+        return out
 
     @api.post("/recommend", response_model=RecommendResponse, openapi_extra=request_schema(RecommendRequest))
     async def recommend(self, request: Request) -> Response:

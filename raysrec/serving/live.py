@@ -22,10 +22,11 @@ from typing import Any, Optional
 import orjson
 from fastapi.responses import Response
 
+from raysrec.config import redact
 from raysrec.errors import ConfigError
 from raysrec.online.events import EventConflict, EventError, StoreConfig, StoredEvent, StoreUnavailable, check_events
 from raysrec.online.log import export_events
-from raysrec.online.store import EventStore, describe, open_store
+from raysrec.online.store import EventStore, open_store
 from raysrec.serving.http import MicroBatcher, error_response, json_response
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class LiveState:
             self._flusher.start()
 
     def describe(self) -> dict[str, Any]:
-        out = {"url": describe(self.cfg.url), "kind": type(self.writer).__name__, "max_history": self.cfg.max_history,
-               "event_types": self.cfg.event_types, "event_log": describe(self.cfg.event_log or "") or None}
+        out = {"url": redact(self.cfg.url), "kind": type(self.writer).__name__, "max_history": self.cfg.max_history,
+               "event_types": self.cfg.event_types, "event_log": redact(self.cfg.event_log) if self.cfg.event_log else None}
         durability = getattr(self.writer, "durability", None)
         out["durability"] = durability or "SQLite WAL, synchronous=FULL"
         return out
@@ -130,7 +131,7 @@ class LiveState:
             try:
                 self.flush(max_windows=100)
             except Exception as exc:  # noqa: BLE001  (the next round retries; the store still holds every event)
-                log.warning("event-log flush to %s failed: %s", describe(self.cfg.event_log or ""), exc)
+                log.warning("event-log flush to %s failed: %s", redact(self.cfg.event_log or ""), exc)
 
     def close(self, final_flush: bool = True) -> None:
         """Stop the schedule, export what is left (at shutdown), close the connections."""
@@ -158,4 +159,4 @@ def check_store(cfg: StoreConfig) -> None:
     except StoreUnavailable as exc:
         raise ConfigError(f"store.url: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"store.url {describe(cfg.url)}: {exc}") from None
+        raise ConfigError(f"store.url {redact(cfg.url)}: {exc}") from None
