@@ -140,6 +140,11 @@ def test_bad_events_name_their_index_and_field():
         assert raised.value.index == 1 and raised.value.field == field, (bad, raised.value)
     with pytest.raises(EventError, match="at most 2 events"):
         check_events([good] * 3, StoreConfig(max_events_per_request=2), now=NOW)
+    shop = StoreConfig(event_types=["impression", "purchase"], default_type="impression")
+    assert [e.type for e in check_events([good, {**good, "type": "purchase"}], shop, now=NOW)] == ["impression",
+                                                                                                 "purchase"]
+    with pytest.raises(EventError, match="expected one of \\['impression', 'purchase'\\]"):
+        check_events([{**good, "type": "view"}], shop, now=NOW)
     [event] = check_events([good], cfg, now=NOW)
     assert (event.type, event.timestamp, event.given_time, event.user_id) == ("view", NOW, False, "1")
 
@@ -150,3 +155,15 @@ def test_store_urls():
 
     with pytest.raises(ConfigError, match="store.url"):
         open_store(StoreConfig(url="postgres://db/x"))
+
+
+def test_the_event_log_can_live_in_object_storage(s3, tmp_path):
+    """A cluster whose nodes share no disk keeps the log in S3 (moto's real S3 API here)."""
+    store = open_store(StoreConfig(url=f"sqlite:///{tmp_path}/events.db"))
+    store.append([ev(f"e{i}", i % 2, i, NOW + i * 86_400.0) for i in range(4)], arrival=NOW)
+    log = s3("event-log")
+    assert export_events(store, log, batch=3)["exported"] == 4
+    store.append([ev("e4", 0, 4, NOW)], arrival=NOW)
+    assert export_events(store, log, batch=3)["exported"] == 1          # the cursor in S3 was read back
+    assert read_log(log).column("event_id").to_pylist() == [f"e{i}" for i in range(5)]
+    store.close()

@@ -188,5 +188,11 @@ def test_events_ingest_replays_a_log_in_time_order_once(endpoint, catalogue, tmp
     assert json.loads(capsys.readouterr().out)["duplicates"] == 10
     stored = requests.get(f"{endpoint}/users/replayer/history", timeout=30).json()["events"]
     assert [e["item_id"] for e in stored] == [catalogue[i] for i in reversed(range(10))]   # in time order
+    other = log.with_name("other.csv")
+    other.write_text(log.read_text().replace("replayer,", "buyer,"))
+    assert main(["events", "ingest", str(other), "--url", endpoint, "--type", "buy", "--limit", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["accepted"] == 3                             # the 3 oldest only
+    bought = requests.get(f"{endpoint}/users/buyer/history", timeout=30).json()["events"]
+    assert [(e["item_id"], e["type"]) for e in bought] == [(catalogue[i], "buy") for i in (9, 8, 7)]
     assert main(["events", "ingest", str(log), "--url", "http://127.0.0.1:9"]) == 2       # no server: at once
     assert "no server answers at http://127.0.0.1:9" in capsys.readouterr().err
