@@ -65,8 +65,7 @@ def worker(rank: int, world: int, args: argparse.Namespace, sparse: bool, port: 
                       if not (sparse and n == "item_emb.weight"))
     times, positions, rows = [], 0, []
     sent = 0
-    for step, batch in enumerate(iterate_batches(examples, args.batch_size, shuffle=True, num_steps=args.steps + 5,
-                                                 num_items=data.num_items, num_negatives=1 if args.loss == "bce" else 0)):
+    for step, batch in enumerate(iterate_batches(examples, args.batch_size, shuffle=True, num_steps=args.steps + 5)):
         if step == 5:
             dist.barrier()
             sent = lo_bytes()

@@ -126,8 +126,7 @@ def steps_only(data_dir: str, loss: str, seconds: float, eval_users: int) -> Non
     generator = torch.Generator().manual_seed(0)
     kernel = losses.ce_kernel(cfg.ce_kernel, torch.device("cpu"))
     done, positions, spent, steps, warm_up = 0, 0, 0.0, 0, 3
-    for batch in iterate_batches(examples, cfg.batch_size, shuffle=True, num_items=data.num_items,
-                                 num_negatives=1 if cfg.loss == "bce" else 0):
+    for batch in iterate_batches(examples, cfg.batch_size, shuffle=True):
         started = time.perf_counter()
         out = compute_loss(model, batch, cfg, log_q, generator, None, kernel)
         optimizer.zero_grad(set_to_none=True)

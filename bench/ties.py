@@ -52,8 +52,8 @@ def main() -> None:
         now, before = [], []
         with torch.no_grad():
             for batch in iterate_batches(examples, 256, with_history=True):
-                hidden, targets = model(batch)[:, -1], batch["target_ids"][:, -1]
-                table = model.item_vectors()
+                hidden, targets = model(batch).user, batch["target_ids"][:, -1]
+                table = model.item_rows()
                 now.append(full_ranking_ranks_chunked(hidden, table, targets, batch["history"], None, args.chunk_items))
                 before.append(ranks_before_the_fix(hidden, table, targets, batch["history"], args.chunk_items))
         now_t, before_t = torch.cat(now), torch.cat(before)

@@ -112,7 +112,7 @@ def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str =
                                      device=torch.device(device), **LAYOUTS[layout]):
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
                 valid = batch["target_ids"] > 0
-                loss = full_softmax_ce(model, model(batch)[valid], batch["target_ids"][valid], chunk_items=chunk,
+                loss = full_softmax_ce(model, model(batch).hidden[valid], batch["target_ids"][valid], chunk_items=chunk,
                                        kernel=kernel)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

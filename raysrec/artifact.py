@@ -194,19 +194,6 @@ def resolve(path: str | Path) -> ModelFolder:
                           f"best/{CHECKPOINT_DIR}/{STATE_FILE} or {STATE_FILE})")
 
 
-def score(checkpoint: str | Path, data: str, device: str = "cpu") -> dict[str, Any]:
-    """The figures a model folder carries: valid and test metrics and, for the cold-start protocol, ``cold``.
-    The checkpoint and the data are loaded once for all of them."""
-    from raysrec.evaluation import CheckpointEvaluator  # noqa: PLC0415  (evaluation reads model folders)
-
-    evaluator = CheckpointEvaluator(data, checkpoint, device)
-    cold = None
-    if evaluator.cold is not None:
-        cold = {"test_cold": evaluator.score(targets="cold"), "test_warm": evaluator.score(targets="warm"),
-                "test_cold_among_cold": evaluator.score(targets="cold", candidates="cold")}
-    return {"valid": evaluator.score(split="valid"), "test": evaluator.score(split="test"), "cold": cold}
-
-
 def locate(location: str | Path) -> str:
     """:func:`resolve` for a local path or a URI, without downloading: the model folder's location (for a URI,
     the folder holding ``checkpoint/``, or the bare checkpoint folder). What the CLI checks before starting Ray."""
@@ -253,12 +240,11 @@ def _redacted(text: str) -> str:
     return redact(text)
 
 
-def write_model(dest: str | Path, checkpoint: str | Path, data: str, *, source: Literal["train", "tune", "refit"],
-                history: Optional[list[dict[str, Any]]] = None, train_seconds: Optional[float] = None,
-                search: Optional[dict[str, Any]] = None, scores: Optional[dict[str, Any]] = None,
-                device: str = "cpu") -> dict[str, Any]:
-    """Make ``dest`` a model folder around a copy of ``checkpoint``, with its ``scores`` (:func:`score`;
-    computed here on ``device`` when not given: Ray runs compute them in a task, see ``train.ray_train``).
+def write_model(dest: str | Path, checkpoint: str | Path, *, source: Literal["train", "tune", "refit"],
+                scores: dict[str, Any], history: Optional[list[dict[str, Any]]] = None,
+                train_seconds: Optional[float] = None, search: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Make ``dest`` a model folder around a copy of ``checkpoint``, with its ``scores``
+    (:func:`raysrec.evaluation.final_scores`; Ray runs compute them in a task, see ``train.ray_train``).
 
     ``history`` is the whole run's per-epoch metrics (default: the checkpoint's own, which ends at its epoch).
     ``dest`` may hold other things (Ray's run folder); ``metrics.json`` is written last.
@@ -282,7 +268,6 @@ def write_model(dest: str | Path, checkpoint: str | Path, data: str, *, source: 
         pd.DataFrame(history).to_csv(dest / HISTORY_FILE, index=False)
         plot_history(history, dest / CURVE_FILE, title=f"{cfg.model.name} ({cfg.loss})")
 
-    scores = scores if scores is not None else score(folder, data, device)
     speeds = [float(r["examples_per_second"]) for r in history if "examples_per_second" in r]
     metrics = ModelMetrics(
         source=source, valid=scores["valid"], test=scores["test"],

@@ -32,11 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 
+from raysrec import artifact
 from raysrec.data.examples import Examples, evaluation_examples, iterate_batches, subset
 from raysrec.data.storage import PreparedData, SequenceSet
 from raysrec.errors import CheckpointError, ConfigError
@@ -192,7 +193,8 @@ def without_items(seqs: SequenceSet, drop: np.ndarray) -> SequenceSet:
     counts = np.add.reduceat(keep.astype(np.int64), seqs.offsets[:-1]) if len(seqs) else np.zeros(0, np.int64)
     counts[seqs.lengths == 0] = 0
     return SequenceSet(seqs.user_index.copy(), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                       seqs.items[keep], seqs.times[keep], seqs.split)
+                       seqs.items[keep], seqs.times[keep], seqs.split,
+                       seqs.types[keep] if seqs.types is not None else None)
 
 
 # ---------------------------------------------------------------- a model over examples
@@ -213,10 +215,10 @@ def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[i
     for batch in iterate_batches(examples, batch_size, rank=rank, world_size=world_size, device=device,
                                  with_history=True):
         with autocast(device, bf16):
-            hidden = model(batch)[:, -1]                                        # (B, d) newest position
+            hidden = model(batch).user                                          # (B, d) newest position
         targets = batch["target_ids"][:, -1]
         if protocol == "full":
-            ranks = full_ranking_ranks_chunked(hidden, model.item_vectors(), targets, batch["history"], allowed,
+            ranks = full_ranking_ranks_chunked(hidden, model.item_rows(), targets, batch["history"], allowed,
                                                chunk_items)
         else:
             candidates = sampled_candidates(targets, batch["history"], model.cfg.num_items, num_sampled, generator)
@@ -244,8 +246,6 @@ class CheckpointEvaluator:
     compared, shards read), then scored on any split, protocol or cold-start subset."""
 
     def __init__(self, data_dir: str | Path, model_dir: str | Path, device: str = "cpu") -> None:
-        from raysrec import artifact  # noqa: PLC0415  (artifact imports this module for the final figures)
-
         folder = artifact.resolve(model_dir).checkpoint
         self.model, self.cfg, _ = artifact.load_checkpoint(folder, map_location=device)
         data = PreparedData.load(data_dir)
@@ -290,3 +290,14 @@ def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: P
     arrivals" slot).
     """
     return CheckpointEvaluator(data_dir, model_dir, device).score(split, protocol, seed, targets, candidates)
+
+
+def final_scores(checkpoint: str | Path, data: str, device: str = "cpu") -> dict[str, Any]:
+    """The figures a model folder carries: valid and test metrics and, for the cold-start protocol, ``cold``.
+    The checkpoint and the data are loaded once for all of them."""
+    evaluator = CheckpointEvaluator(data, checkpoint, device)
+    cold = None
+    if evaluator.cold is not None:
+        cold = {"test_cold": evaluator.score(targets="cold"), "test_warm": evaluator.score(targets="warm"),
+                "test_cold_among_cold": evaluator.score(targets="cold", candidates="cold")}
+    return {"valid": evaluator.score(split="valid"), "test": evaluator.score(split="test"), "cold": cold}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from raysrec.data.storage import SequenceSet
+from raysrec.models.inputs import model_input, to_tensors, window
 
 Split = Literal["train", "valid", "test"]
 
@@ -61,7 +62,8 @@ class Examples:
         return self.seqs.items[self.stop - 1].astype(np.int64)
 
     def batch(self, idx: np.ndarray, with_history: bool = False, trim: bool = True) -> dict[str, np.ndarray]:
-        """Rows ``idx`` as left-padded (B, W) arrays; ``history`` (B, H), right-padded, if asked.
+        """Rows ``idx``: the model input of :func:`raysrec.models.inputs.model_input` (left-padded (B, W)), the
+        targets, and ``history`` (B, H), right-padded, if asked.
 
         W is the longest row of the batch (``trim``), else ``max_length``. Positions are counted from the right
         (the newest item is always column -1, with the last position embedding), padding is masked in attention
@@ -69,20 +71,16 @@ class Examples:
         the work on padding (tests/data/test_trimmed_batches.py).
         """
         stop, count = self.stop[idx], self.count[idx].astype(np.int64)
-        length = max(1, int(count.max())) if trim and len(idx) else self.max_length
-        col = np.arange(length)
-        shown = col >= length - count[:, None]                                  # (B, L) non-padding
-        at = np.where(shown, stop[:, None] - length + col, 0)                    # absolute target positions
-        items, times = self.seqs.items, self.seqs.times
-        out = {"input_ids": np.where(shown, items[np.maximum(at - 1, 0)], 0).astype(np.int64),
-               "input_times": np.where(shown, times[np.maximum(at - 1, 0)], 0.0)}
+        items = self.seqs.items
+        out = model_input(self.seqs.events(), stop - 1, count, self.seqs.times[stop - 1],
+                          None if trim else self.max_length)
+        length = out["input_ids"].shape[1]
         if self.last_only:
             out["target_ids"] = np.zeros((len(idx), length), np.int64)
-            out["target_times"] = np.zeros((len(idx), length), np.float64)
-            out["target_ids"][:, -1], out["target_times"][:, -1] = items[stop - 1], times[stop - 1]
+            out["target_ids"][:, -1] = items[stop - 1]
         else:
+            at, shown = window(stop, count, length)                    # a position's target: the next event
             out["target_ids"] = np.where(shown, items[at], 0).astype(np.int64)
-            out["target_times"] = np.where(shown, times[at], 0.0)
         if with_history:
             out["history"] = self.history(idx)
         return out
@@ -151,16 +149,6 @@ def evaluation_examples(seqs: SequenceSet, max_length: int, split: Split) -> Exa
     return Examples(seqs, max_length, stop.astype(np.int64), count, owner, last_only=True)
 
 
-def sample_negatives(target_ids: torch.Tensor, num_items: int, num_negatives: int,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Negatives drawn uniformly from the items other than the target (each with probability 1/(N-1)), shape
-    (*target.shape, num_negatives). A draw from 1..N-1 skips over the target: values at or above it move up one.
-    (Padding positions, target 0, draw from 2..N.)"""
-    shape = (*target_ids.shape, num_negatives)
-    neg = torch.randint(1, max(num_items, 2), shape, generator=generator, device=target_ids.device)
-    return neg + (neg >= target_ids.unsqueeze(-1)).long()
-
-
 def length_grouped(rows: np.ndarray, lengths: np.ndarray, batch_size: int, window: int,
                    rng: np.random.Generator) -> list[np.ndarray]:
     """``rows`` (already shuffled) cut into batches of similar lengths: each run of ``window`` batches' rows is
@@ -178,7 +166,7 @@ def length_grouped(rows: np.ndarray, lengths: np.ndarray, batch_size: int, windo
 
 def iterate_batches(examples: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                     rank: int = 0, world_size: int = 1, num_steps: Optional[int] = None,
-                    num_items: int = 0, num_negatives: int = 0, device: str | torch.device = "cpu",
+                    device: str | torch.device = "cpu",
                     with_history: bool = False, group_by_length: int = 0,
                     trim: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """Left-padded batches for worker ``rank`` of ``world_size``, each trimmed to its longest row (``trim``).
@@ -200,14 +188,8 @@ def iterate_batches(examples: Examples, batch_size: int, *, shuffle: bool = Fals
     else:
         batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     steps = num_steps if num_steps is not None else len(batches)
-    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch * 101 + rank)
     for step in range(steps):
-        idx = batches[step % len(batches)]
-        batch = {k: torch.from_numpy(v) for k, v in examples.batch(idx, with_history, trim).items()}
-        batch["padding_mask"] = batch["input_ids"] != 0
-        if num_negatives:
-            batch["negative_ids"] = sample_negatives(batch["target_ids"], num_items, num_negatives, generator)
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield to_tensors(examples.batch(batches[step % len(batches)], with_history, trim), device)
 
 
 def history_matrix(examples: Examples, idx: np.ndarray) -> torch.Tensor:

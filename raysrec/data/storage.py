@@ -22,6 +22,7 @@ from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE
 from raysrec.data.split import LEAVE_ONE_OUT, Positions, SplitSpec
 from raysrec.errors import InputError
 from raysrec.files import filesystem
+from raysrec.models.inputs import Events
 
 
 @dataclasses.dataclass
@@ -34,6 +35,7 @@ class SequenceSet:
     items: np.ndarray        # (E,) int32, 1..num_items
     times: np.ndarray        # (E,) float64
     split: SplitSpec = LEAVE_ONE_OUT
+    types: Optional[np.ndarray] = None   # (E,) int8 behaviour type index (0 = unknown), when the data has types
 
     @property
     def lengths(self) -> np.ndarray:
@@ -45,6 +47,10 @@ class SequenceSet:
 
     def __len__(self) -> int:
         return len(self.user_index)
+
+    def events(self) -> Events:
+        """The flat event columns, as the model input function reads them."""
+        return Events(self.items, self.times, self.types)
 
     def sequence(self, u: int) -> np.ndarray:
         return self.items[self.offsets[u]:self.offsets[u + 1]]

@@ -6,6 +6,7 @@ side drops the same items as the input side.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from typing import Literal, Optional
@@ -79,7 +80,7 @@ def full_softmax_ce(model: SequentialRecommender, hidden: torch.Tensor, targets:
     values and gradients. ``cce`` is :func:`cce_softmax_ce`, the fused kernel (checked by :func:`ce_kernel`: no
     label smoothing, no excluded items).
     """
-    table = model.item_vectors(id_keep)                                           # (N+1, d)
+    table = model.item_rows(None, id_keep)                                           # (N+1, d)
     if kernel == "cce":
         return cce_softmax_ce(hidden, table, targets)
     allowed = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
@@ -197,13 +198,44 @@ def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
 GBCE_POOL_FACTOR = 4   # gBCE scores a uniform pool of 4k items per step; each position takes k of them
 
 
-def gbce_negatives(num_items: int, k: int, positions: int, device: torch.device,
-                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """gBCE's negatives for one step: a uniform pool (``GBCE_POOL_FACTOR`` x k,) of item ids and, per
-    position, the k pool slots it takes (positions, k); see :func:`gbce`."""
-    pool_size = GBCE_POOL_FACTOR * k
-    pool = torch.randint(1, num_items + 1, (pool_size,), device=device, generator=generator)
-    return pool, torch.randint(0, pool_size, (positions, k), device=device, generator=generator)
+@dataclasses.dataclass
+class Negatives:
+    """One step's negatives (see :func:`draw_negatives`)."""
+
+    ids: torch.Tensor                      # bce: (P,) one per position; sampled: (k,) shared; gbce: (4k,) a pool
+    pick: Optional[torch.Tensor] = None    # gbce: (P, k) the pool slots each position takes
+
+
+def draw_negatives(loss: LossName, targets: torch.Tensor, num_items: int, k: int,
+                   generator: Optional[torch.Generator] = None, log_q: Optional[torch.Tensor] = None) -> Negatives:
+    """The negatives of every sampling loss, drawn here and nowhere else; ``targets`` (P,) the step's positions.
+
+    * ``bce``: one per position, uniform over the items other than its target (:func:`other_items`);
+    * ``sampled``: k shared by the batch, uniform, or from the proposal ``exp(log_q)`` (its logQ correction is
+      in :func:`sampled_softmax`);
+    * ``gbce``: a uniform pool of ``GBCE_POOL_FACTOR`` x k items scored once, and per position the k slots it
+      takes, as gSASRec samples per position (:func:`gbce`).
+    """
+    device = targets.device
+    if loss == "bce":
+        return Negatives(other_items(targets, num_items, 1, generator)[:, 0])
+    if loss == "sampled":
+        if log_q is None:
+            return Negatives(torch.randint(1, num_items + 1, (k,), device=device, generator=generator))
+        return Negatives(torch.multinomial(log_q.exp(), k, replacement=True, generator=generator).to(device))
+    if loss == "gbce":
+        pool_size = GBCE_POOL_FACTOR * k
+        pool = torch.randint(1, num_items + 1, (pool_size,), device=device, generator=generator)
+        return Negatives(pool, torch.randint(0, pool_size, (len(targets), k), device=device, generator=generator))
+    raise ValueError(f"loss {loss!r} draws no negatives")
+
+
+def other_items(target_ids: torch.Tensor, num_items: int, k: int,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """k items per target, uniform over the items other than the target (each with probability 1/(N-1)), shape
+    (*target.shape, k). A draw from 1..N-1 skips over the target: values at or above it move up one."""
+    neg = torch.randint(1, max(num_items, 2), (*target_ids.shape, k), generator=generator, device=target_ids.device)
+    return neg + (neg >= target_ids.unsqueeze(-1)).long()
 
 
 def gbce_shift(beta: float, k: int) -> float:

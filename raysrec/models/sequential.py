@@ -105,17 +105,20 @@ class SequentialRecommender(nn.Module):
             self.text_vectors.copy_(vectors)
             self.text_vectors[0].zero_()
 
-    def item_rows(self, item_ids: torch.Tensor, id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(...) item indices -> (..., d) item representations (ID embedding [+ projected text]).
+    def item_rows(self, item_ids: Optional[torch.Tensor] = None, id_keep: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
+        """(...) item indices -> (..., d) item representations (ID embedding [+ projected text]); without
+        ``item_ids`` the whole table (N+1, d), which is also the output side (input and output are tied).
 
         ``id_keep`` (N+1, 1): the ID-dropout mask of this training step (see :meth:`id_dropout_mask`).
         """
-        rows = self.item_emb(item_ids)
-        if self.cfg.use_text:
-            if id_keep is not None:
-                rows = rows * id_keep[item_ids]
-            rows = rows + self.text_proj(self.text_vectors[item_ids])
-        return rows
+        whole = item_ids is None
+        rows = self.item_emb.weight if whole else self.item_emb(item_ids)
+        if not self.cfg.use_text:
+            return rows
+        if id_keep is not None:
+            rows = rows * (id_keep if whole else id_keep[item_ids])
+        return rows + self.text_proj(self.text_vectors if whole else self.text_vectors[item_ids])
 
     def id_dropout_mask(self) -> Optional[torch.Tensor]:
         """(N+1, 1) 0/1: the items whose ID embedding this training step keeps; ``None`` outside training.
@@ -135,16 +138,9 @@ class SequentialRecommender(nn.Module):
         x = x + self.pos_emb.weight[-length:][None]
         return self.emb_drop(x) * (input_ids != 0).unsqueeze(-1)
 
-    def item_vectors(self, id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(N+1, d): the output-side table, the same representation as the input side (tied)."""
-        if self.cfg.use_text:
-            ids = self.item_emb.weight if id_keep is None else self.item_emb.weight * id_keep
-            return ids + self.text_proj(self.text_vectors)
-        return self.item_emb.weight
-
     def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., N+1) scores against every item; index 0 (padding) is -inf."""
-        logits = hidden @ self.item_vectors().T
+        logits = hidden @ self.item_rows().T
         logits[..., 0] = float("-inf")
         return logits
 
@@ -152,18 +148,23 @@ class SequentialRecommender(nn.Module):
         """hidden (..., d), item_ids (..., K) -> (..., K)."""
         return (self.item_rows(item_ids) * hidden.unsqueeze(-2)).sum(-1)
 
-    def forward(self, batch: dict[str, torch.Tensor], train_outputs: bool = False, aux: bool = False):
-        """Hidden states (B, L, d); with ``train_outputs`` a :class:`TrainOutputs` (hidden, the auxiliary loss
-        when ``aux`` and the model has one, the ID-dropout mask). One ``forward`` serves both, so DDP sees every
+    def forward(self, batch: dict[str, torch.Tensor], aux: bool = False) -> ModelOutput:
+        """The input of :func:`raysrec.models.inputs.model_input` -> :class:`ModelOutput`; the auxiliary loss
+        only when ``aux`` and the model has one. One ``forward`` for training and inference, so DDP sees every
         parameter used in a single call."""
         raise NotImplementedError
 
 
 @dataclasses.dataclass
-class TrainOutputs:
-    hidden: torch.Tensor                   # (B, L, d)
-    aux: Optional[torch.Tensor]            # scalar auxiliary loss, or None
-    id_keep: Optional[torch.Tensor]        # (N+1, 1) ID-dropout mask of this step, or None
+class ModelOutput:
+    hidden: torch.Tensor                          # (B, L, d) one vector per position; [:, -1] is the user's
+    aux: Optional[torch.Tensor] = None            # scalar auxiliary loss, or None
+    id_keep: Optional[torch.Tensor] = None        # (N+1, 1) ID-dropout mask of this training step, or None
+
+    @property
+    def user(self) -> torch.Tensor:
+        """(B, d): the newest position's hidden state, what ranks the next item."""
+        return self.hidden[:, -1]
 
 
 class SASRec(SequentialRecommender):
@@ -175,11 +176,11 @@ class SASRec(SequentialRecommender):
                                cfg.ffn_mult, cfg.activation)
         self._init_weights()
 
-    def forward(self, batch: dict[str, torch.Tensor], train_outputs: bool = False, aux: bool = False):
+    def forward(self, batch: dict[str, torch.Tensor], aux: bool = False) -> ModelOutput:
         input_ids = batch["input_ids"]
         id_keep = self.id_dropout_mask()
         hidden = self.encoder(self.embed(input_ids, id_keep), causal_mask(input_ids != 0))  # (B, L, d)
-        return TrainOutputs(hidden, None, id_keep) if train_outputs else hidden
+        return ModelOutput(hidden, None, id_keep)
 
 
 class LongShortInterest(SequentialRecommender):
@@ -222,7 +223,7 @@ class LongShortInterest(SequentialRecommender):
             known = known & rows
         return torch.where(known, bucket.clamp(max=self.cfg.time_buckets), torch.zeros_like(bucket))
 
-    def forward(self, batch: dict[str, torch.Tensor], train_outputs: bool = False, aux: bool = False):
+    def forward(self, batch: dict[str, torch.Tensor], aux: bool = False) -> ModelOutput:
         input_ids = batch["input_ids"]
         padding = input_ids != 0
         id_keep = self.id_dropout_mask()
@@ -232,10 +233,8 @@ class LongShortInterest(SequentialRecommender):
         e_gap = self.gap_emb(self.gap_buckets(batch))
         g = torch.sigmoid(self.gate(torch.cat([h_long, h_short, e_gap], dim=-1)))
         hidden = g * h_short + (1.0 - g) * h_long
-        if not train_outputs:
-            return hidden
         aux_loss = self._disentangle_loss(input_ids, h_long, h_short, id_keep) if aux else None
-        return TrainOutputs(hidden, aux_loss, id_keep)
+        return ModelOutput(hidden, aux_loss, id_keep)
 
     def _disentangle_loss(self, input_ids: torch.Tensor, h_long: torch.Tensor, h_short: torch.Tensor,
                           id_keep: Optional[torch.Tensor]) -> torch.Tensor:

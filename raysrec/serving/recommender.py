@@ -37,6 +37,7 @@ import torch
 from raysrec import artifact
 from raysrec.config import redact
 from raysrec.errors import CheckpointError
+from raysrec.models.inputs import Events, model_input, to_tensors
 from raysrec.models.sequential import SequentialRecommender
 from raysrec.serving.ann import HnswIndex, ann_available, recall_at_k
 
@@ -89,7 +90,7 @@ class Recommender:
         self.metadata = metadata
         self._download: Optional[tempfile.TemporaryDirectory] = None
         with torch.inference_mode():
-            self.item_vectors = model.item_vectors().detach().to(device).float().clone()   # (N+1, d)
+            self.item_vectors = model.item_rows().detach().to(device).float().clone()   # (N+1, d)
         self.ann = None
         if retrieval == "hnsw" or (retrieval == "auto" and self.num_items >= ann_min_items and ann_available()):
             self.ann = HnswIndex.build(self.item_vectors.cpu().numpy(), ef_search=ann_ef_search, threads=threads)
@@ -106,7 +107,7 @@ class Recommender:
         picks = np.concatenate([rng.choice(self.popular[:1000], n // 2),
                                 rng.integers(1, self.num_items + 1, n - n // 2)])
         batch = self._batch([[int(i)] for i in picks], [None] * n, [0.0] * n)
-        hidden = self.model(batch)[:, -1].float()
+        hidden = self.model(batch).user.float()
         exact = torch.topk(hidden @ self.item_vectors[1:].T, min(k, self.num_items)).indices.cpu().numpy() + 1
         _, approx = self.ann.search(hidden.cpu().numpy(), min(k, self.num_items))
         return {f"recall@{k}": round(recall_at_k(exact, approx), 4), "probe_queries": n}
@@ -177,22 +178,10 @@ class Recommender:
 
     def _batch(self, histories: list[list[int]], times: list[Optional[list[float]]], nows: list[float]
                ) -> dict[str, torch.Tensor]:
-        """Left-padded model input for the last position of each history (same layout as training)."""
-        length = max(1, max(len(h) for h in histories))
-        ids = np.zeros((len(histories), length), np.int64)
-        in_t = np.zeros((len(histories), length), np.float64)
-        tgt_t = np.zeros((len(histories), length), np.float64)
-        for r, (h, t, now) in enumerate(zip(histories, times, nows)):
-            if not h:
-                continue
-            ids[r, length - len(h):] = h
-            if t is not None:
-                in_t[r, length - len(h):] = t
-                tgt_t[r, length - len(h):] = now
-        batch = {"input_ids": ids, "input_times": in_t, "target_times": tgt_t}
-        out = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
-        out["padding_mask"] = out["input_ids"] != 0
-        return out
+        """The model input for the newest position of each history: :func:`model_input`, as in training."""
+        events, end = Events.from_histories(histories, times)
+        lengths = np.array([len(h) for h in histories], np.int64)
+        return to_tensors(model_input(events, end, lengths, np.asarray(nows, np.float64)), self.device)
 
     @torch.inference_mode()
     def run(self, queries: Sequence[Query]) -> list[Answer]:
@@ -213,7 +202,7 @@ class Recommender:
         hidden = None
         if active:
             batch = self._batch([histories[r] for r in active], [times[r] for r in active], [nows[r] for r in active])
-            hidden = self.model(batch)[:, -1].float()                         # (B', d)
+            hidden = self.model(batch).user.float()                         # (B', d)
         row_of = {r: i for i, r in enumerate(active)}
         ranked = [r for r in active if queries[r].candidates is None]
         tops = self._top_k_batch(hidden[[row_of[r] for r in ranked]], [queries[r] for r in ranked],

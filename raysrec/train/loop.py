@@ -66,27 +66,22 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
     core = unwrap(model)
     device = batch["input_ids"].device
     with autocast(device, cfg.bf16):
-        out = model(batch, train_outputs=True, aux=cfg.aux_loss_weight > 0)
+        out = model(batch, aux=cfg.aux_loss_weight > 0)
     valid = batch["target_ids"] > 0
     with losses.fp32(device):
         h, targets = out.hidden[valid].float(), batch["target_ids"][valid]          # (P, d), (P,)
         if cfg.loss == "ce":
             loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded, out.id_keep,
                                           chunk_items=cfg.ce_chunk_items, kernel=ce_kernel)
-        elif cfg.loss == "sampled":
-            n = core.cfg.num_items
-            if log_q is None:
-                negatives = torch.randint(1, n + 1, (cfg.num_negatives,), device=h.device, generator=generator)
-            else:
-                negatives = torch.multinomial(log_q.exp(), cfg.num_negatives, replacement=True, generator=generator)
-            loss = losses.sampled_softmax(core, h, targets, negatives.to(h.device), log_q, out.id_keep,
-                                          in_batch=cfg.in_batch_negatives)
-        elif cfg.loss == "gbce":
-            pool, pick = losses.gbce_negatives(core.cfg.num_items, cfg.num_negatives, len(targets), h.device,
-                                               generator)
-            loss = losses.gbce(core, h, targets, pool, cfg.gbce_t, out.id_keep, pick=pick)
         else:
-            loss = losses.bce_one_negative(core, h, targets, batch["negative_ids"][valid][:, 0], out.id_keep)
+            neg = losses.draw_negatives(cfg.loss, targets, core.cfg.num_items, cfg.num_negatives, generator, log_q)
+            if cfg.loss == "sampled":
+                loss = losses.sampled_softmax(core, h, targets, neg.ids, log_q, out.id_keep,
+                                              in_batch=cfg.in_batch_negatives)
+            elif cfg.loss == "gbce":
+                loss = losses.gbce(core, h, targets, neg.ids, cfg.gbce_t, out.id_keep, pick=neg.pick)
+            else:
+                loss = losses.bce_one_negative(core, h, targets, neg.ids, out.id_keep)
         if out.aux is not None:
             loss = loss + cfg.aux_loss_weight * out.aux.float()
     return loss
@@ -224,8 +219,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         n_examples = torch.zeros((), dtype=torch.long, device=device)
         n_batches = 0
         for batch in iterate_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                                     world_size=world, num_steps=steps, num_items=data.num_items,
-                                     num_negatives=1 if cfg.loss == "bce" else 0, device=device,
+                                     world_size=world, num_steps=steps, device=device,
                                      group_by_length=cfg.group_by_length):
             loss = compute_loss(model, batch, cfg, log_q, generator, excluded, kernel)
             optimizer.zero_grad(set_to_none=True)

@@ -246,7 +246,7 @@ def run_history(result) -> list[dict[str, Any]]:
 
 
 def score_in_task(checkpoint, data: str, cfg: TrainConfig) -> dict[str, Any]:
-    """:func:`raysrec.artifact.score` of a reported checkpoint, run in a Ray task that holds what one training
+    """:func:`raysrec.evaluation.final_scores` of a reported checkpoint, run in a Ray task that holds what one training
     worker holds (its GPU on a GPU run): the driver, often a head node without a GPU, never loads the model or
     reads the data, and never touches CUDA."""
     import ray  # noqa: PLC0415
@@ -259,8 +259,8 @@ def score_in_task(checkpoint, data: str, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _score(checkpoint, data: str, device: str, threads: int) -> dict[str, Any]:
-    from raysrec import artifact  # noqa: PLC0415
+    from raysrec.evaluation import final_scores  # noqa: PLC0415
 
     torch.set_num_threads(max(1, threads))
     with checkpoint.as_directory() as folder:   # downloads when the run's storage is remote
-        return artifact.score(folder, data, device)
+        return final_scores(folder, data, device)

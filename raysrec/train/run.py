@@ -18,6 +18,7 @@ import torch
 from raysrec import artifact
 from raysrec.config import redact
 from raysrec.errors import CheckpointError, ConfigError
+from raysrec.evaluation import final_scores
 from raysrec.train.config import BEST_SCORE, NOT_BEST, TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
 
@@ -75,11 +76,11 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
         best_score = next(m for c, m in result.best_checkpoints if c.path == best.path).get(BEST_SCORE, NOT_BEST)
         if best_score == NOT_BEST:      # no epoch of this run beat the checkpoint it resumed from
             checkpoint = _resumed_best(cfg, history)
-            return artifact.write_model(out, checkpoint, cfg.data, source=source, history=history,
-                                        train_seconds=train_seconds, scores=None)
+            return artifact.write_model(out, checkpoint, source=source, history=history,
+                                        train_seconds=train_seconds, scores=final_scores(checkpoint, cfg.data))
         scores = score_in_task(best, cfg.data, cfg)
         with best.as_directory() as folder:   # downloads when storage is remote
-            return artifact.write_model(out, folder, cfg.data, source=source, history=history,
+            return artifact.write_model(out, folder, source=source, history=history,
                                         train_seconds=train_seconds, scores=scores)
     cfg.save(out / artifact.CONFIG_FILE)
     with tempfile.TemporaryDirectory(prefix="raysrec-best-") as best_dir:
@@ -88,8 +89,9 @@ def fit(cfg: TrainConfig, use_ray: bool = True, source: str = "train") -> dict[s
         session = LocalSession(Path(best_dir) / "best", device="cuda" if cfg.use_gpu else "cpu")
         history = train_loop(cfg, session)["history"]      # a resumed run's earlier epochs included, as with Ray
         checkpoint = session.best_dir if session.best_dir.is_dir() else _resumed_best(cfg, history)
-        return artifact.write_model(out, checkpoint, cfg.data, source=source, history=history,
-                                    train_seconds=time.time() - started, device=session.device.type)
+        return artifact.write_model(out, checkpoint, source=source, history=history,
+                                    train_seconds=time.time() - started,
+                                    scores=final_scores(checkpoint, cfg.data, session.device.type))
 
 
 def _resumed_best(cfg: TrainConfig, history: list[dict[str, Any]]) -> Path:

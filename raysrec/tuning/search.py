@@ -204,7 +204,7 @@ def export(grid, params: list[Param], base: TrainConfig, out: Path, storage_fs, 
     scores = score_in_task(checkpoint, base.data, base)
     with checkpoint.as_directory() as folder:
         keys = json.loads((Path(folder) / artifact.STATE_FILE).read_text())["history"][0].keys()
-        return artifact.write_model(out / "best", folder, base.data, source="tune",
+        return artifact.write_model(out / "best", folder, source="tune",
                                     history=history[[k for k in keys if k in history]].to_dict("records"),
                                     search=search, scores=scores)
 

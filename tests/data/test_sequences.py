@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from raysrec.data.examples import evaluation_examples, iterate_batches, sample_negatives, training_examples
+from raysrec.data.examples import evaluation_examples, iterate_batches, training_examples
 from raysrec.data.split import LEAVE_ONE_OUT, SplitSpec
 from raysrec.data.storage import SequenceSet
+from raysrec.models.losses import other_items
 
 
 def seqs():
@@ -47,7 +48,7 @@ def test_workers_get_disjoint_rows_and_the_same_number_of_steps():
 
 def test_negatives_never_hit_the_target():
     target = torch.randint(1, 4, (64, 10))
-    neg = sample_negatives(target, num_items=3, num_negatives=5, generator=torch.Generator().manual_seed(0))
+    neg = other_items(target, num_items=3, k=5, generator=torch.Generator().manual_seed(0))
     assert neg.shape == (64, 10, 5)
     assert not (neg == target.unsqueeze(-1)).any() and neg.min() >= 1 and neg.max() <= 3
     assert np.unique(neg.numpy()).tolist() == [1, 2, 3]
@@ -126,13 +127,9 @@ def test_metrics_can_be_scored_on_a_fixed_seeded_sample_of_users():
 def test_bce_negatives_are_uniform_over_the_other_items():
     """Each item other than the target is drawn with probability 1/(N-1). The clash shift sent a clashing draw to
     target + 1, which then came up at 2/N."""
-    import torch
-
-    from raysrec.data.examples import sample_negatives
-
     num_items, target = 10, 5
     targets = torch.full((9000,), target)
-    neg = sample_negatives(targets, num_items, 10, torch.Generator().manual_seed(0))
+    neg = other_items(targets, num_items, 10, torch.Generator().manual_seed(0))
     counts = torch.bincount(neg.flatten(), minlength=num_items + 1)
     assert counts[0] == 0 and counts[target] == 0
     others = counts[[i for i in range(1, num_items + 1) if i != target]].double()

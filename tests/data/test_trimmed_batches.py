@@ -10,6 +10,7 @@ import torch
 
 from raysrec.data.examples import evaluation_examples, iterate_batches, length_grouped, training_examples
 from raysrec.data.storage import SequenceSet
+from raysrec.models.inputs import to_tensors
 from raysrec.models.sequential import ModelConfig, build_model
 from raysrec.train.config import TrainConfig
 from raysrec.train.loop import compute_loss
@@ -36,9 +37,7 @@ def _model(name):
 
 
 def _tensors(examples, idx, trim):
-    batch = {k: torch.from_numpy(v) for k, v in examples.batch(idx, with_history=True, trim=trim).items()}
-    batch["padding_mask"] = batch["input_ids"] != 0
-    return batch
+    return to_tensors(examples.batch(idx, with_history=True, trim=trim))
 
 
 @pytest.mark.parametrize("name", ["sasrec", "longshort"])
@@ -51,7 +50,7 @@ def test_a_trimmed_training_batch_gives_the_padded_outputs_and_loss(name, loss):
     width = trimmed["input_ids"].shape[1]
     assert width == int(examples.count[short].max()) < MAX_LEN == padded["input_ids"].shape[1]
     with torch.no_grad():
-        h_trim, h_pad = model(trimmed), model(padded)[:, -width:]
+        h_trim, h_pad = model(trimmed).hidden, model(padded).hidden[:, -width:]
     real = trimmed["input_ids"] != 0
     torch.testing.assert_close(h_trim[real], h_pad[real], rtol=1e-5, atol=1e-5)
     cfg = TrainConfig(loss=loss, num_negatives=8, model=model.cfg)
@@ -67,7 +66,7 @@ def test_a_trimmed_evaluation_batch_scores_the_same_user_vectors(name):
     trimmed, padded = _tensors(examples, idx, True), _tensors(examples, idx, False)
     assert trimmed["input_ids"].shape[1] < MAX_LEN
     with torch.no_grad():
-        torch.testing.assert_close(model(trimmed)[:, -1], model(padded)[:, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(trimmed).user, model(padded).user, rtol=1e-5, atol=1e-5)
     assert torch.equal(trimmed["history"], padded["history"])
 
 

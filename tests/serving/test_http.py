@@ -164,7 +164,7 @@ def test_served_rankings_equal_offline_evaluation(endpoint, trained_model, synth
     n = 48
     batch = next(iterate_batches(examples, n, with_history=True))
     with torch.no_grad():
-        offline = model.score_all(model(batch)[:, -1])                            # (n, N+1)
+        offline = model.score_all(model(batch).user)                            # (n, N+1)
     ranks = full_ranking_ranks(offline, batch["target_ids"][:, -1], batch["history"])
     masked = offline.clone().scatter_(1, batch["history"], float("-inf"))
     offline_top = masked.topk(10, dim=1).indices

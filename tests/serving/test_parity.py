@@ -48,7 +48,7 @@ def test_served_top_k_equals_the_evaluated_ranking(tmp_path, name, timed):
     examples = evaluation_examples(seqs, model.cfg.max_length, "test")
     batch = next(iterate_batches(examples, len(examples), with_history=True))
     with torch.no_grad():
-        scores = model.score_all(model(batch)[:, -1])                      # what evaluation ranks
+        scores = model.score_all(model(batch).user)                      # what evaluation ranks
     scores.scatter_(1, batch["history"], float("-inf"))                 # its full-ranking mask (target aside)
     rec = Recommender.load(folder)
     k = 10

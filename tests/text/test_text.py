@@ -66,7 +66,7 @@ def test_text_fusion_reaches_both_sides_of_the_model():
     ids = torch.tensor([[0, 2, 3, 5]])
     rows = model.item_rows(ids)
     assert torch.allclose(rows, model.item_emb(ids) + model.text_proj(model.text_vectors[ids]))
-    assert torch.allclose(model.item_vectors()[ids[0]], rows[0])      # output side = input side
+    assert torch.allclose(model.item_rows()[ids[0]], rows[0])      # output side = input side
     assert not model.item_emb.weight.any()   # ID embeddings start at zero: text alone represents a new item
     assert "text_vectors" in model.state_dict()                       # checkpoints carry the vectors
 
@@ -127,14 +127,14 @@ def test_id_dropout_drops_the_same_items_on_both_sides_and_only_while_training()
     ids = torch.arange(1, 51).view(5, 10)[:, :4]
     model.train()
     torch.manual_seed(0)
-    out = model({"input_ids": ids}, train_outputs=True)
-    table = model.item_vectors(out.id_keep)                               # the loss's output side
+    out = model({"input_ids": ids})
+    table = model.item_rows(None, out.id_keep)                               # the loss's output side
     dropped = torch.isclose(table, text_only).all(-1)
     assert 10 < int(dropped[1:].sum()) < 40                               # about half of the 50 items
     rows = model.item_rows(ids, out.id_keep)                              # input side: the same items dropped
     assert torch.equal(torch.isclose(rows, text_only[ids]).all(-1), dropped[ids])
-    assert not torch.isclose(model.item_vectors(), text_only).all(-1)[1:].any()   # no mask outlives its step
+    assert not torch.isclose(model.item_rows(), text_only).all(-1)[1:].any()   # no mask outlives its step
     model.eval()
-    assert model({"input_ids": ids}, train_outputs=True).id_keep is None           # evaluation: every ID kept
+    assert model({"input_ids": ids}).id_keep is None           # evaluation: every ID kept
     with pytest.raises(Exception, match="id_dropout needs model.use_text"):
         ModelConfig(num_items=5, id_dropout=0.3).validate()

@@ -57,7 +57,7 @@ def test_carried_optimizer_moments_follow_the_items():
     old_opt = torch.optim.AdamW(old.parameters(), lr=1e-3)
     for _ in range(3):
         old_opt.zero_grad()
-        old({"input_ids": torch.tensor([[1, 2, 3, 4, 5]])}).pow(2).mean().backward()
+        old({"input_ids": torch.tensor([[1, 2, 3, 4, 5]])}).hidden.pow(2).mean().backward()
         old_opt.step()
     new = build_model(SMALL.replace(num_items=6))
     old_ids, new_ids = np.array([10, 20, 30, 40, 50]), np.array([30, 60, 10, 70, 50, 80])
@@ -77,7 +77,7 @@ def test_carried_optimizer_moments_follow_the_items():
             assert torch.equal(got["exp_avg_sq"], saved[name]["exp_avg_sq"]), name
     assert new_opt.param_groups[0]["lr"] == 5e-4                 # this run's hyper-parameters
     new_opt.zero_grad()
-    new({"input_ids": torch.tensor([[1, 2, 6]])}).pow(2).mean().backward()
+    new({"input_ids": torch.tensor([[1, 2, 6]])}).hidden.pow(2).mean().backward()
     new_opt.step()                                               # the carried state is usable
 
 
