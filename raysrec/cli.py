@@ -73,7 +73,7 @@ SYNTH_OPTIONS = ["output:--output,-o", "num_users:--num-users,--users", "num_ite
                  "num_events:--num-events,--events", "seed", "format:--file-format"]
 PREPARE_OPTIONS = [
     "source.path:--input,-i", "output:--output,-o", "source.format", "source.items_path:--items", "source.user_col",
-    "source.item_col", "source.time_col", "source.rating_col", "source.sep", "source.encoding", "source.id_type",
+    "source.item_col", "source.time_col", "source.rating_col", "source.type_col", "types", "source.columns", "source.sep", "source.encoding", "source.id_type",
     "source.on_bad_row", "min_rating", "item_k_core", "user_k_core", "min_sequence_length", "max_sequence_length",
     "split.protocol:--split", "split.valid_time", "split.test_time", "split.valid_quantile", "split.test_quantile",
     "event_log:--event-log", "num_shards", "overwrite"]
@@ -96,8 +96,8 @@ SERVE_OPTIONS = [
     "store.max_history", "store.flush_interval_s"]
 PIPELINE_OPTIONS = ["output:--output,-o", "storage_path", "stage", "deploy"]
 INGEST_OPTIONS = ["source.path:input", "url", "rate", "batch_size", "type", "limit", "source.format",
-                  "source.user_col", "source.item_col", "source.time_col", "source.sep", "source.id_type",
-                  "source.on_bad_row"]
+                  "source.user_col", "source.item_col", "source.time_col", "source.type_col", "source.columns",
+                  "source.sep", "source.id_type", "source.on_bad_row"]
 EXPORT_OPTIONS = ["url:--store", "event_log:--event-log", "export_batch:--batch", "export_lease_s", "key_prefix"]
 
 
@@ -118,7 +118,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     check_inputs(cfg)             # a wrong path, format or column fails here, before Ray starts
     ensure_ray(num_cpus=args.num_cpus)
     manifest = prepare(cfg)
-    summary = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items",
+    summary = {k: manifest[k] for k in ("rows_read", "rows_kept", "rows_dropped", "num_users", "num_items", "event_types",
                                          "sequence_length", "splits", "seconds")}
     print(json.dumps(summary, indent=2))
     print(f"prepared data written to {os.path.abspath(cfg.output)}")

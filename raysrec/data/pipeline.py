@@ -80,6 +80,8 @@ class PrepareConfig(Config):
     min_sequence_length: int = option(3, 'drop users with fewer events (leave-one-out needs 3, global_time 1)')
     max_sequence_length: Optional[int] = option(None, "keep each user's newest N events (prepare's truncation, not the model window)")
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    types: Optional[list[str]] = option(None, "keep only these event types (values of source.type_col, e.g. buy "
+                                              "cart); the others are counted under type_not_selected")
     event_log: Optional[str] = option(None, "the live service's event log (raysrec events export), read beside the "
                                             "source: the nightly retrain learns what the service saw")
     num_shards: int = option(8, 'sequence shard files (training workers read them in parallel)')
@@ -97,6 +99,8 @@ class PrepareConfig(Config):
               "prepare.max_sequence_length must be >= min_sequence_length")
         check(self.item_k_core >= 0 and self.user_k_core >= 0, "prepare k-core values must be >= 0")
         check(1 <= self.num_shards <= 4096, "prepare.num_shards must be in [1, 4096]")
+        check(self.types is None or bool(self.source.type_col),
+              "prepare.types selects event types: it needs source.type_col (--type-col), the column that holds them")
         check(self.split_bytes >= 1024, "prepare.split_bytes must be >= 1024")
 
 
@@ -129,10 +133,11 @@ def _from_blob(blob: bytes) -> pa.Table:
     return pq.read_table(pa.BufferReader(blob))
 
 
-def _group_shard(events: pd.DataFrame) -> pd.DataFrame:
+def _group_shard(events: pd.DataFrame, types: Optional[list[str]], with_types: bool) -> pd.DataFrame:
     shard = int(events["shard"].iloc[0])
-    sequences, counts = transforms.group_user_sequences(events)
-    return pd.DataFrame({"shard": [shard], "counts": [json.dumps(counts)], "sequences": [_to_blob(sequences)]})
+    sequences, counts, per_type = transforms.group_user_sequences(events, types, with_types)
+    return pd.DataFrame({"shard": [shard], "counts": [json.dumps(counts)], "type_counts": [json.dumps(per_type)],
+                         "sequences": [_to_blob(sequences)]})
 
 
 def _shard_times(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -153,12 +158,13 @@ def _filter_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array], use
 
 def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
                     user_k: int, min_length: int, item_vocab: pd.Index, user_vocab: pd.Index,
-                    max_length: Optional[int], users_as_int: bool, split: SplitSpec) -> dict[str, Any]:
+                    max_length: Optional[int], users_as_int: bool, split: SplitSpec,
+                    type_vocab: Optional[pd.Index]) -> dict[str, Any]:
     shard = int(batch["shard"][0])
     table = _from_blob(batch["sequences"][0])
     train_before = split.valid_from if split.protocol == "global_time" else None
     table, counts = transforms.filter_sequences(table, allowed, user_k, min_length, train_before)
-    final, truncated = transforms.finalize_sequences(table, item_vocab, user_vocab, max_length)
+    final, truncated = transforms.finalize_sequences(table, item_vocab, user_vocab, max_length, type_vocab)
     counts.update(truncated)
     if users_as_int:
         final = final.set_column(1, "user_id", final.column("user_id").cast(pa.int64()))
@@ -176,7 +182,12 @@ def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
     train_count = np.bincount(flat[in_train], minlength=len(item_vocab) + 1)
     if split.protocol != "global_time":
         times = np.zeros(0, np.float64)
+    type_count = np.zeros(0 if type_vocab is None else len(type_vocab) + 1, np.int64)
+    if type_vocab is not None and final.num_rows:
+        type_count = np.bincount(pc.list_flatten(final.column("types")).to_numpy(zero_copy_only=False),
+                                 minlength=len(type_vocab) + 1)
     return {"shard": [shard], "file": [name if final.num_rows else ""], "counts": [json.dumps(counts)],
+            "type_count": [type_count],
             "item_count": [item_count], "train_count": [train_count], "lengths": [lengths.astype(np.int64)],
             "times": [times.astype(np.float64)],
             "data": [_to_blob(final) if final.num_rows else b""]}
@@ -263,19 +274,22 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     events = ds.map_batches(_parse_splits, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"sources": sources, "min_rating": cfg.min_rating, "num_shards": cfg.num_shards})
     grouped = events.groupby("shard", num_partitions=min(cfg.num_shards, max(2, len(splits)))).map_groups(
-        _group_shard, batch_format="pandas")
+        _group_shard, batch_format="pandas", fn_kwargs={"types": cfg.types, "with_types": source.has_type})
     try:
         grouped = grouped.materialize()     # the shards' sequences, in the object store
-        group_stats = grouped.select_columns(["shard", "counts"]).take_all()
+        group_stats = grouped.select_columns(["shard", "counts", "type_counts"]).take_all()
     except Exception as exc:  # Ray wraps task errors; surface the user-facing one
         err = _unwrap(exc)
         if err is not exc:
             raise err from None
         raise
     counts: Counter = Counter()
+    types_read: Counter = Counter()
     for row in group_stats:
         counts.update(json.loads(row["counts"]))
+        types_read.update(json.loads(row["type_counts"]))
     rows_read = sum(counts.values())
+    type_vocab = _type_vocabulary(cfg, types_read) if source.has_type else None
     if counts["kept"] == 0:
         hint = ("; --on-bad-row error names the first malformed line and field" if counts["malformed_row"] else "")
         raise InputError(f"no interaction left after reading and cleaning ({dict(+counts)}); check the "
@@ -322,7 +336,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     for row in shard_ds.map_batches(_finalize_shard, batch_size=1, fn_kwargs={
             "allowed": allowed, "user_k": user_k, "min_length": min_length, "item_vocab": item_vocab,
             "user_vocab": user_vocab, "max_length": cfg.max_sequence_length, "users_as_int": users_as_int,
-            "split": split}).iter_rows():
+            "split": split, "type_vocab": type_vocab}).iter_rows():
         if row["file"]:        # streamed: the driver holds one finished shard at a time
             (tmp / SEQUENCES_DIR / row["file"]).write_bytes(row["data"])
         rows.append({k: v for k, v in row.items() if k not in ("data", "times")})
@@ -362,6 +376,10 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
                                                                           else [])],
         "event_log": {"path": redact(cfg.event_log), "files": len(sources[1].files)} if cfg.event_log else None,
         "has_timestamps": source.has_timestamp,
+        "event_types": None if type_vocab is None else {
+            "column": cfg.source.type_col, "vocabulary": [str(t) for t in type_vocab],   # index 1.., 0 = unknown
+            "read": dict(sorted(types_read.items())),
+            "kept": {str(t): int(c) for t, c in zip(type_vocab, np.sum([r["type_count"] for r in rows], axis=0)[1:])}},
         "has_ratings": source.has_rating,
         "rows_read": rows_read,
         "rows_kept": rows_kept,
@@ -375,6 +393,22 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
         "splits": splits,
         "shards": [{"file": f"{SEQUENCES_DIR}/{f}", "users": u, "events": e} for f, u, e in shard_files],
     }
+
+
+MAX_EVENT_TYPES = 127      # stored as int8; a shop has a handful (view, cart, buy, ...)
+
+
+def _type_vocabulary(cfg: PrepareConfig, types_read: Counter) -> pd.Index:
+    """The event types kept (every type read, or those of ``prepare.types``), sorted: type index 1..T."""
+    chosen = sorted(types_read if cfg.types is None else set(types_read) & set(cfg.types))
+    where = cfg.source.path
+    if cfg.types is not None and not chosen:
+        raise InputError(f"prepare.types {cfg.types}: none of these event types is in column "
+                         f"'{cfg.source.type_col}', which holds {sorted(types_read)[:20]}", path=where)
+    if len(chosen) > MAX_EVENT_TYPES:
+        raise InputError(f"column '{cfg.source.type_col}' holds {len(chosen):,} distinct event types (at most "
+                         f"{MAX_EVENT_TYPES}): is it the event-type column?", path=where)
+    return pd.Index(chosen)
 
 
 def _vocabulary(ids: np.ndarray, id_auto: bool) -> tuple[pd.Index, bool]:

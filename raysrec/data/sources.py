@@ -1,10 +1,11 @@
 """Readers for interaction logs: format detection, splitting into byte ranges, and parsing.
 
-Every reader produces Arrow tables with one schema (:data:`EVENT_SCHEMA`): ``user``, ``item``,
-``timestamp`` (float seconds, or the line order when the source has none), ``rating`` (null when
-the source has none), ``ord`` (a global, strictly increasing position of the row in the input,
-used to keep ties in input order) and ``drop_code`` (0 = kept so far; otherwise a
-:class:`DropReason`). Files are read in byte ranges ("splits") that start on line boundaries, so
+Every reader produces Arrow tables with one schema (:func:`event_schema`): ``user``, ``item``,
+``timestamp`` (float seconds, or the line order when the source has none; numbers in s/ms/us/ns or date-time
+strings such as ``2019-10-01 00:00:00 UTC``), ``rating`` (null when the source has none), ``ord`` (a global,
+strictly increasing position of the row in the input, used to keep ties in input order), ``drop_code`` (0 =
+kept so far; otherwise a :class:`DropReason`) and ``type`` (the behaviour type, e.g. ``view``/``buy``; null
+when the source has no type column). Files are read in byte ranges ("splits") that start on line boundaries, so
 no process ever holds a whole large file. Parsing uses pyarrow's CSV reader; a range that fails
 to parse is re-read line by line to name the first bad line, field and what was expected.
 """
@@ -52,6 +53,8 @@ class DropReason(enum.IntEnum):
     # global_time split: an event after the validation cut whose item is not in the training vocabulary (no
     # training-period event, or fewer than item_k_core): a model trained before the cut cannot know it
     ITEM_NOT_IN_TRAINING = 9
+    TYPE_NOT_SELECTED = 10      # an event type left out by prepare.types
+
 
     @property
     def label(self) -> str:
@@ -61,7 +64,7 @@ class DropReason(enum.IntEnum):
 def event_schema(id_type: pa.DataType) -> pa.Schema:
     return pa.schema([
         ("user", id_type), ("item", id_type), ("timestamp", pa.float64()),
-        ("rating", pa.float64()), ("ord", pa.int64()), ("drop_code", pa.int8()),
+        ("rating", pa.float64()), ("ord", pa.int64()), ("drop_code", pa.int8()), ("type", pa.string()),
     ])
 
 
@@ -81,6 +84,10 @@ class SourceConfig(Config):
     item_col: str = option("item_id", 'item column (csv/parquet)')
     time_col: Optional[str] = option("timestamp", 'timestamp column; none: the file order is the time order')
     rating_col: Optional[str] = option(None, 'rating column, for min_rating')
+    type_col: Optional[str] = option(None, "event-type column (e.g. Taobao's behavior, REES46's event_type): "
+                                           "a view and a buy become different events, counted per type")
+    columns: Optional[list[str]] = option(None, 'the column names of a csv without a header line, in order '
+                                                '(e.g. user_id item_id category_id behavior timestamp)')
     title_col: str = "title"
     categories_col: str = "categories"
     sep: Optional[str] = option(None, "field separator for csv (default ',')")
@@ -90,6 +97,8 @@ class SourceConfig(Config):
 
     def validate(self) -> None:
         check(bool(self.path), "source.path: a file or folder of interactions is required")
+        check(self.columns is None or (len(self.columns) >= 2 and all(str(c).strip() for c in self.columns)),
+              f"source.columns: expected the names of at least 2 columns, got {self.columns!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +139,10 @@ class ResolvedSource:
     @property
     def has_rating(self) -> bool:
         return "rating" in self.roles
+
+    @property
+    def has_type(self) -> bool:
+        return "type" in self.roles
 
     @property
     def arrow_id_type(self) -> pa.DataType:
@@ -266,18 +279,25 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
         if not files:
             raise InputError("no *.csv file in the folder", path=str(path))
         sep = cfg.sep or ("\t" if files[0].suffix == ".tsv" else ",")
-        header = _read_header(files[0], cfg.encoding)
-        fields = next(csv.reader([header], delimiter=sep)) if len(sep) == 1 else header.split(sep)
-        fields = [f.strip() for f in fields]
+        if cfg.columns is not None:       # no header line: the columns are named on the command line
+            for f in files:
+                _require_file(f, "csv file")
+            fields = [str(c).strip() for c in cfg.columns]
+            header = None
+        else:
+            header = _read_header(files[0], cfg.encoding)
+            fields = next(csv.reader([header], delimiter=sep)) if len(sep) == 1 else header.split(sep)
+            fields = [f.strip() for f in fields]
         repeated = sorted({f for f in fields if fields.count(f) > 1})
         if repeated:
-            raise InputError(f"the header names column(s) {repeated} more than once: {header[:200]!r}",
-                             path=str(files[0]), line=1)
-        for other in files[1:]:
+            named = f"the header names column(s) {repeated} more than once: {header[:200]!r}" if header else \
+                f"source.columns names column(s) {repeated} more than once"
+            raise InputError(named, path=str(files[0]), line=1 if header else None)
+        for other in files[1:] if header is not None else []:
             if _read_header(other, cfg.encoding) != header:
                 raise InputError(f"header differs from the first file's {header!r}", path=str(other), line=1)
-        roles = _assign_roles(fields, cfg, files[0], default_rating=None, sep=sep)
-        return ResolvedSource(fmt, files, fields, roles, sep, True, cfg.encoding,
+        roles = _assign_roles(fields, cfg, files[0], default_rating=None, sep=sep if header is not None else None)
+        return ResolvedSource(fmt, files, fields, roles, sep, header is not None, cfg.encoding,
                               "int" if cfg.id_type == "int" else "str", items_path, cfg.on_bad_row,
                               quoted=True, id_auto=cfg.id_type == "auto")
     # parquet
@@ -321,6 +341,8 @@ def with_event_log(main: ResolvedSource, location: str) -> tuple[ResolvedSource,
     if main.id_kind == "int":
         main = dataclasses.replace(main, id_kind="str", id_auto=True)
     roles = {"user": "user_id", "item": "item_id", "timestamp": "timestamp"}
+    if main.has_type:                 # the service stores each event's type; read it where the main input has types
+        roles["type"] = "type"
     log = ResolvedSource("parquet", event_log_files(path), ["user_id", "item_id", "type", "timestamp"], roles, "",
                          False, "utf-8", "str", None, main.on_bad_row, id_auto=main.id_auto,
                          file_offset=len(main.files))
@@ -332,7 +354,8 @@ def _assign_roles(fields: list[str], cfg: SourceConfig, path: Location, default_
     roles: dict[str, str] = {}
     time_col = None if (cfg.time_col or "").lower() in ("", "none") else cfg.time_col   # `--time-col none`
     wanted = {"user": cfg.user_col, "item": cfg.item_col, "timestamp": time_col,
-              "rating": cfg.rating_col or (default_rating if default_rating in fields else None)}
+              "rating": cfg.rating_col or (default_rating if default_rating in fields else None),
+              "type": cfg.type_col}
     for role, name in wanted.items():
         if name is None:
             continue
@@ -340,7 +363,8 @@ def _assign_roles(fields: list[str], cfg: SourceConfig, path: Location, default_
             hint = ""
             if len(fields) == 1 and sep is not None:
                 hint = f" (the header has a single column: is the separator {sep!r} right?)"
-            raise InputError(f"column '{name}' (the {role} column) not found; the columns are {fields}{hint}",
+            named = " (source.columns)" if cfg.columns is not None else ""
+            raise InputError(f"column '{name}' (the {role} column) not found; the columns{named} are {fields}{hint}",
                              path=str(path), line=1 if sep is not None or path.suffix == ".inter" else None)
         roles[role] = name
     return roles
@@ -465,6 +489,28 @@ def epoch_seconds(stamps: np.ndarray) -> np.ndarray:
     return out
 
 
+_ZONE_SUFFIX = r"\s*(?:UTC|GMT)$"      # "2019-10-01 00:00:00 UTC" (REES46): read as UTC, like a time without zone
+TIME_EXPECTED = "a number (Unix time in s, ms, us or ns) or a date-time such as 2019-10-01 00:00:00 UTC"
+
+
+def parse_times(text: pa.Array) -> np.ndarray:
+    """Timestamps read as text -> float64: numbers as they are (:func:`epoch_seconds` tells their unit later),
+    ISO 8601 date-times (a trailing ``UTC``, an offset, or none = UTC) as Unix seconds; NaN where a value is
+    neither (or missing)."""
+    try:
+        return pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)      # all numbers: the common case
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values = pd.Series(text.to_numpy(zero_copy_only=False), dtype=object)
+    seconds = np.array(pd.to_numeric(values, errors="coerce"), np.float64)
+    dates = np.isnan(seconds) & values.notna().to_numpy()
+    if dates.any():
+        stamps = pd.to_datetime(values[dates].str.replace(_ZONE_SUFFIX, "", regex=True), utc=True,
+                                errors="coerce", format="ISO8601")
+        seconds[dates] = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(np.float64)
+    return seconds
+
+
 def _read_text_split(source: ResolvedSource, split: Split) -> pa.Table:
     data, first = _read_range(source.files[split.file_index], split.start, split.end)
     skip_header = source.has_header and split.start == 0
@@ -494,9 +540,11 @@ def _fast_parse(source: ResolvedSource, data: bytes, expected_rows: int) -> Opti
     id_type = source.arrow_id_type
     types = {source.roles["user"]: id_type, source.roles["item"]: id_type}
     if source.has_timestamp:
-        types[source.roles["timestamp"]] = pa.float64()
+        types[source.roles["timestamp"]] = pa.string()      # numbers or date-times: parse_times below
     if source.has_rating:
         types[source.roles["rating"]] = pa.float64()
+    if source.has_type:
+        types[source.roles["type"]] = pa.string()
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
@@ -520,10 +568,13 @@ def _fast_parse(source: ResolvedSource, data: bytes, expected_rows: int) -> Opti
             lengths = pc.utf8_length(col)
             if pc.any(pc.equal(lengths, 0)).as_py() or pc.max(lengths).as_py() > MAX_ID_LENGTH:
                 return None
+    if source.has_type and pc.any(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(cols["type"])), 0)).as_py():
+        return None
     if source.has_timestamp:
-        ts = cols["timestamp"]
-        if ts.null_count or not pc.all(pc.greater_equal(ts, 0)).as_py() or pc.any(pc.is_inf(ts)).as_py():
+        ts = parse_times(cols["timestamp"].combine_chunks())
+        if np.isnan(ts).any() or (ts < 0).any() or np.isinf(ts).any():
             return None
+        cols["timestamp"] = pa.chunked_array([pa.array(ts, pa.float64())])
     if source.has_rating:
         r = cols["rating"]
         if r.null_count or pc.any(pc.is_nan(r)).as_py():
@@ -538,6 +589,8 @@ def _empty_roles(source: ResolvedSource) -> pa.Table:
         cols["timestamp"] = pa.array([], pa.float64())
     if source.has_rating:
         cols["rating"] = pa.array([], pa.float64())
+    if source.has_type:
+        cols["type"] = pa.array([], pa.string())
     return pa.table(cols)
 
 
@@ -545,9 +598,10 @@ def _finish(source: ResolvedSource, table: pa.Table, ords: np.ndarray) -> pa.Tab
     n = table.num_rows
     ts = table.column("timestamp") if source.has_timestamp else pa.array(ords.astype(np.float64))
     rating = table.column("rating") if source.has_rating else pa.nulls(n, pa.float64())
+    kind = pc.utf8_trim_whitespace(table.column("type")) if source.has_type else pa.nulls(n, pa.string())
     return pa.Table.from_arrays(
         [table.column("user"), table.column("item"), ts, rating, pa.array(ords, pa.int64()),
-         pa.array(np.zeros(n, np.int8))],
+         pa.array(np.zeros(n, np.int8)), kind],
         schema=event_schema(source.arrow_id_type))
 
 
@@ -556,7 +610,7 @@ def _marked_rows(source: ResolvedSource, ords: np.ndarray, reason: DropReason) -
     id_type = source.arrow_id_type
     return pa.Table.from_arrays(
         [pa.nulls(n, id_type), pa.nulls(n, id_type), pa.nulls(n, pa.float64()), pa.nulls(n, pa.float64()),
-         pa.array(np.asarray(ords, np.int64)), pa.array(np.full(n, int(reason), np.int8))],
+         pa.array(np.asarray(ords, np.int64)), pa.array(np.full(n, int(reason), np.int8)), pa.nulls(n, pa.string())],
         schema=event_schema(id_type))
 
 
@@ -572,12 +626,29 @@ def _split_fields(source: ResolvedSource, text: str) -> list[str]:
 
 def _slow_parse(source: ResolvedSource, split: Split, data: bytes, first: int, base_ord: int) -> pa.Table:
     """Line-by-line parse that names the first bad line (error mode) or marks bad rows (skip mode)."""
-    users, items, stamps, ratings, ords, codes = [], [], [], [], [], []
+    users, items, stamps, ratings, ords, codes, kinds = [], [], [], [], [], [], []
     index = {name: i for i, name in enumerate(source.fields)}
     offset = first
     lines = data.split(b"\n")
     if data.endswith(b"\n"):
         lines = lines[:-1]
+    dated: list[tuple[int, int]] = []          # (row, line offset) of timestamps given as text, parsed together
+
+    def check_dates() -> None:
+        """Date-time strings, parsed in one call (one at a time costs ~1 ms each): a bad one is a bad row."""
+        parsed = parse_times(pa.array([stamps[r] for r, _ in dated], pa.string())) if dated else []
+        for (r, at), value in zip(dated, parsed):
+            if value == value and value >= 0:
+                stamps[r] = float(value)
+                continue
+            message = f"expected {TIME_EXPECTED}, got {str(stamps[r])[:40]!r}"
+            if source.on_bad_row == "error":
+                raise InputError(message, path=split.path, line=line_number(source.files[split.file_index], at),
+                                 field=source.roles["timestamp"])
+            users[r] = items[r] = stamps[r] = ratings[r] = kinds[r] = None
+            codes[r] = int(DropReason.MALFORMED_ROW)
+        dated.clear()
+
     for row, raw in enumerate(lines):
         line_offset, offset = offset, offset + len(raw) + 1
         problem = _check_line(source, raw, index)
@@ -585,22 +656,27 @@ def _slow_parse(source: ResolvedSource, split: Split, data: bytes, first: int, b
         if isinstance(problem, _Bad):
             field, message = problem.field, problem.message
             if source.on_bad_row == "error":
+                check_dates()                 # an earlier line's bad date-time is the first error
                 raise InputError(message, path=split.path, line=line_number(source.files[split.file_index], line_offset), field=field)
-            users.append(None), items.append(None), stamps.append(None), ratings.append(None)
+            users.append(None), items.append(None), stamps.append(None), ratings.append(None), kinds.append(None)
             codes.append(int(DropReason.MALFORMED_ROW))
             continue
         if problem is None:  # blank line
-            users.append(None), items.append(None), stamps.append(None), ratings.append(None)
+            users.append(None), items.append(None), stamps.append(None), ratings.append(None), kinds.append(None)
             codes.append(int(DropReason.BLANK_LINE))
             continue
-        user, item, stamp, rating = problem
-        users.append(user), items.append(item), ratings.append(rating)
+        user, item, stamp, rating, kind = problem
+        users.append(user), items.append(item), ratings.append(rating), kinds.append(kind)
+        if isinstance(stamp, str):
+            dated.append((row, line_offset))
         stamps.append(float(base_ord + row) if stamp is None else stamp)
         codes.append(0)
+    check_dates()
     id_type = source.arrow_id_type
     return pa.Table.from_arrays(
         [pa.array(users, id_type), pa.array(items, id_type), pa.array(stamps, pa.float64()),
-         pa.array(ratings, pa.float64()), pa.array(ords, pa.int64()), pa.array(codes, pa.int8())],
+         pa.array(ratings, pa.float64()), pa.array(ords, pa.int64()), pa.array(codes, pa.int8()),
+         pa.array(kinds, pa.string())],
         schema=event_schema(id_type))
 
 
@@ -611,7 +687,7 @@ class _Bad:
 
 
 def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
-    """Parsed ``(user, item, timestamp, rating)``, ``None`` for a blank line, or a :class:`_Bad`."""
+    """Parsed ``(user, item, timestamp, rating, type)``, ``None`` for a blank line, or a :class:`_Bad`."""
     if len(raw) > MAX_LINE_BYTES:
         return _Bad(None, f"a line of {len(raw):,} bytes (at most {MAX_LINE_BYTES:,} for one interaction): "
                           f"a missing line break or a broken file? starts {raw[:40]!r}")
@@ -646,6 +722,21 @@ def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
                     return _Bad(name, f"expected an integer {role} id, got {value[:40]!r}")
             else:
                 values[role] = value
+        elif role == "type":
+            if not value:
+                return _Bad(name, "expected a non-empty event type")
+            values[role] = value
+        elif role == "timestamp":
+            try:
+                number = float(value)
+            except ValueError:
+                values[role] = value          # a date-time string, parsed with the split's others (_slow_parse)
+                continue
+            if number != number or number in (float("inf"), float("-inf")):
+                return _Bad(name, f"expected a finite number, got {value[:40]!r}")
+            if number < 0:
+                return _Bad(name, f"expected a non-negative timestamp, got {value[:40]!r}")
+            values[role] = number
         else:
             try:
                 number = float(value)
@@ -656,7 +747,7 @@ def _check_line(source: ResolvedSource, raw: bytes, index: dict[str, int]):
             if role == "timestamp" and number < 0:
                 return _Bad(name, f"expected a non-negative timestamp, got {value[:40]!r}")
             values[role] = number
-    return values["user"], values["item"], values.get("timestamp"), values.get("rating")
+    return values["user"], values["item"], values.get("timestamp"), values.get("rating"), values.get("type")
 
 
 def _read_parquet_split(source: ResolvedSource, split: Split) -> pa.Table:
@@ -682,6 +773,10 @@ def _read_parquet_split(source: ResolvedSource, split: Split) -> pa.Table:
             col = col.cast(target)
         elif role == "timestamp" and pa.types.is_timestamp(col.type):
             col = pc.divide(pc.cast(pc.cast(col, pa.timestamp("us")), pa.int64()), 1e6)
+        elif role == "timestamp" and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            col = pa.array(parse_times(col.combine_chunks().cast(pa.string())), pa.float64(), from_pandas=True)
+        elif role == "type":
+            col = col.cast(pa.string())
         else:
             if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
                 raise InputError(f"expected a numeric column, found type {col.type}", path=split.path, field=name)

@@ -61,9 +61,12 @@ class SequenceSet:
         times = table.column("timestamps").combine_chunks()
         offsets = seq.offsets.to_numpy().astype(np.int64)
         base = offsets[0]
+        types = None
+        if "types" in table.column_names:
+            types = table.column("types").combine_chunks().values.to_numpy()[base:offsets[-1]].astype(np.int64)
         return cls(table.column("user_index").to_numpy().astype(np.int32), offsets - base,
                    seq.values.to_numpy()[base:offsets[-1]].astype(np.int32),
-                   times.values.to_numpy()[base:offsets[-1]].astype(np.float64), split)
+                   times.values.to_numpy()[base:offsets[-1]].astype(np.float64), split, types)
 
     @classmethod
     def from_lists(cls, sequences: list[list[int]], times: Optional[list[list[float]]] = None,
@@ -114,6 +117,11 @@ class PreparedData:
     @property
     def has_timestamps(self) -> bool:
         return bool(self.manifest.get("has_timestamps", False))
+
+    @property
+    def event_types(self) -> list[str]:
+        """The event type names, type index 1..T (0 = unknown); empty when the data has no types."""
+        return list((self.manifest.get("event_types") or {}).get("vocabulary", []))
 
     @property
     def split(self) -> SplitSpec:

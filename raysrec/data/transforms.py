@@ -47,42 +47,63 @@ def count_codes(codes: np.ndarray) -> Counter:
     return Counter({("kept" if v == 0 else DropReason(int(v)).label): int(c) for v, c in zip(values, counts)})
 
 
-def group_user_sequences(events: pd.DataFrame) -> tuple[pa.Table, Counter]:
-    """Events of some users -> one row per user with time-ordered ``items`` and ``timestamps``.
+def group_user_sequences(events: pd.DataFrame, types: Optional[list[str]] = None,
+                         with_types: bool = False) -> tuple[pa.Table, Counter, Counter]:
+    """Events of some users -> one row per user with time-ordered ``items``, ``timestamps`` (and ``types`` when
+    ``with_types``: the source has an event-type column).
 
-    Rows already marked with a drop code are counted and removed; exact duplicates (same user,
-    item, timestamp and rating) keep their first occurrence in input order. Sorting is stable on
+    Rows already marked with a drop code are counted and removed; so are events whose type is not in ``types``
+    (when given: ``type_not_selected``). Exact duplicates (same user, item, timestamp, rating and type: a view and
+    a buy in the same second are two events) keep their first occurrence in input order. Sorting is stable on
     (timestamp, ord), so ties keep the input order.
-    Returns the table and the counts per reason (``kept`` = events in the output).
+    Returns the table, the counts per reason (``kept`` = events in the output) and the valid events per type
+    before the type filter (what the input holds).
     """
     counts = count_codes(events["drop_code"].to_numpy())
     kept_in = counts.pop("kept", 0)
     frame = events[events["drop_code"].to_numpy() == 0]
+    per_type = Counter(frame["type"].value_counts().to_dict()) if with_types else Counter()
+    if with_types and types is not None:
+        chosen = frame["type"].isin(types).to_numpy()
+        counts["type_not_selected"] += int((~chosen).sum())
+        kept_in -= int((~chosen).sum())
+        frame = frame[chosen]
     frame = frame.sort_values(["user", "timestamp", "ord"], kind="stable")
-    dup = frame.duplicated(["user", "item", "timestamp", "rating"], keep="first").to_numpy()
+    key = ["user", "item", "timestamp", "rating"] + (["type"] if with_types else [])
+    dup = frame.duplicated(key, keep="first").to_numpy()
     if dup.any():
         counts["duplicate"] += int(dup.sum())
         frame = frame[~dup]
     counts["kept"] = kept_in - int(dup.sum())
     users = frame["user"].to_numpy()
     if len(users) == 0:
-        return _empty_sequences(events["user"].dtype), counts
+        return _empty_sequences(events["user"].dtype, with_types), counts, per_type
     boundaries = np.flatnonzero(users[1:] != users[:-1]) + 1
-    offsets = np.concatenate([[0], boundaries, [len(users)]]).astype(np.int32)
-    table = pa.table({
-        "user": pa.array(users[offsets[:-1]]),
-        "items": pa.ListArray.from_arrays(pa.array(offsets), pa.array(frame["item"].to_numpy())),
-        "timestamps": pa.ListArray.from_arrays(pa.array(offsets), pa.array(frame["timestamp"].to_numpy(np.float64))),
-    })
-    return table, counts
+    offsets = pa.array(np.concatenate([[0], boundaries, [len(users)]]).astype(np.int32))
+    columns = {
+        "user": pa.array(users[offsets.to_numpy()[:-1]]),
+        "items": pa.ListArray.from_arrays(offsets, pa.array(frame["item"].to_numpy())),
+        "timestamps": pa.ListArray.from_arrays(offsets, pa.array(frame["timestamp"].to_numpy(np.float64))),
+    }
+    if with_types:
+        columns["types"] = pa.ListArray.from_arrays(offsets, pa.array(frame["type"].to_numpy(object), pa.string()))
+    return pa.table(columns), counts, per_type
 
 
-def _empty_sequences(user_dtype) -> pa.Table:
+def _empty_sequences(user_dtype, with_types: bool = False) -> pa.Table:
     """No user left in this shard (every row of it dropped): an empty table of the same schema. ``user_dtype``
     may be a pandas extension dtype (``string[pyarrow]``), which numpy cannot interpret."""
     id_type = pa.int64() if pd.api.types.is_integer_dtype(user_dtype) else pa.string()
-    return pa.table({"user": pa.array([], id_type), "items": pa.array([], pa.list_(id_type)),
-                     "timestamps": pa.array([], pa.list_(pa.float64()))})
+    columns = {"user": pa.array([], id_type), "items": pa.array([], pa.list_(id_type)),
+               "timestamps": pa.array([], pa.list_(pa.float64()))}
+    if with_types:
+        columns["types"] = pa.array([], pa.list_(pa.string()))
+    return pa.table(columns)
+
+
+def event_columns(table: pa.Table) -> list[str]:
+    """The per-event list columns of a sequences table: items, timestamps, and types where present."""
+    return [c for c in ("items", "timestamps", "types") if c in table.column_names]
 
 
 def _take_list_values(column: pa.ChunkedArray | pa.ListArray, keep: np.ndarray, lengths: np.ndarray) -> pa.ListArray:
@@ -119,11 +140,8 @@ def filter_sequences(table: pa.Table, allowed_items: Optional[pa.Array], user_k:
                 counts["item_below_k_core"] += int(removed.sum())
             user_of = np.repeat(np.arange(table.num_rows), lengths)
             new_lengths = np.bincount(user_of[keep], minlength=table.num_rows)
-            table = pa.table({
-                "user": table.column("user"),
-                "items": _take_list_values(table.column("items"), keep, new_lengths),
-                "timestamps": _take_list_values(table.column("timestamps"), keep, new_lengths),
-            })
+            table = pa.table({"user": table.column("user"), **{
+                name: _take_list_values(table.column(name), keep, new_lengths) for name in event_columns(table)}})
             lengths = new_lengths
     core_lengths = lengths
     if train_before is not None:
@@ -165,8 +183,9 @@ def sorted_vocabulary(ids: np.ndarray) -> np.ndarray:
 
 
 def finalize_sequences(table: pa.Table, item_vocab: pd.Index, user_vocab: pd.Index,
-                       max_length: Optional[int]) -> tuple[pa.Table, Counter]:
-    """Map ids to dense indices (items 1..N, 0 = padding; users 0..U-1), keep the newest ``max_length``."""
+                       max_length: Optional[int], type_vocab: Optional[pd.Index] = None) -> tuple[pa.Table, Counter]:
+    """Map ids to dense indices (items 1..N, 0 = padding; users 0..U-1; event types 1..T, 0 = unknown, when
+    ``type_vocab``), keep the newest ``max_length``."""
     counts: Counter = Counter()
     lengths = pc.list_value_length(table.column("items")).to_numpy(zero_copy_only=False).astype(np.int64)
     flat_items = pc.list_flatten(table.column("items")).to_numpy(zero_copy_only=False)
@@ -174,12 +193,18 @@ def finalize_sequences(table: pa.Table, item_vocab: pd.Index, user_vocab: pd.Ind
     if (item_index == 0).any():
         raise AssertionError("an item missing from the vocabulary reached finalize_sequences")
     flat_times = pc.list_flatten(table.column("timestamps")).to_numpy(zero_copy_only=False)
+    type_index = None
+    if type_vocab is not None:
+        type_index = type_vocab.get_indexer(pc.list_flatten(table.column("types")).to_numpy(zero_copy_only=False)) + 1
+        if (type_index == 0).any():
+            raise AssertionError("an event type missing from the vocabulary reached finalize_sequences")
     if max_length is not None and (lengths > max_length).any():
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         position = np.arange(len(flat_items)) - np.repeat(starts, lengths)
         keep = position >= np.repeat(lengths - max_length, lengths)
         counts["truncated"] += int((~keep).sum())
         item_index, flat_times = item_index[keep], flat_times[keep]
+        type_index = type_index[keep] if type_index is not None else None
         lengths = np.minimum(lengths, max_length)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     user_ids = table.column("user").to_numpy(zero_copy_only=False)
@@ -190,6 +215,8 @@ def finalize_sequences(table: pa.Table, item_vocab: pd.Index, user_vocab: pd.Ind
         "sequence": pa.ListArray.from_arrays(offsets, pa.array(item_index.astype(np.int32))),
         "timestamps": pa.ListArray.from_arrays(offsets, pa.array(flat_times.astype(np.float64))),
     })
+    if type_index is not None:
+        out = out.append_column("types", pa.ListArray.from_arrays(offsets, pa.array(type_index.astype(np.int8))))
     return out.sort_by("user_index"), counts
 
 

@@ -51,6 +51,9 @@ class ModelConfig(Config):
     # on the input and the output side), so the text path alone must rank well (DropoutNet, Volkovs et
     # al., NeurIPS 2017): what lets items never seen in training compete with the ones that were
     id_dropout: float = option(0.0, 'with use_text: share of item ID embeddings dropped per step, so text alone ranks well (cold items)')
+    # behaviour types (view, cart, buy, ...): an embedding of each input event's type joins its position embedding
+    use_types: bool = option(True, "read each event's type (prepare --type-col) when the data has types")
+    type_names: list[str] = dataclasses.field(default_factory=list)   # set from the data: type index 1..T
 
     def validate(self) -> None:
         check(self.hidden_dim > 0 and self.hidden_dim % self.num_heads == 0,
@@ -75,6 +78,8 @@ class SequentialRecommender(nn.Module):
         self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.hidden_dim, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_length, cfg.hidden_dim)
         self.emb_drop = nn.Dropout(cfg.dropout if cfg.emb_dropout is None else cfg.emb_dropout)
+        self.type_emb = nn.Embedding(len(cfg.type_names) + 1, cfg.hidden_dim, padding_idx=0) \
+            if cfg.type_names else None                              # row 0: padding, or a type not known
         if cfg.use_text:
             check(cfg.text_dim > 0, "model.text_dim must be set from the item text vectors")
             # A buffer, not a parameter: frozen, but saved in the state dict, so a checkpoint carries the
@@ -92,6 +97,8 @@ class SequentialRecommender(nn.Module):
                 nn.init.normal_(module.weight, std=self.cfg.hidden_dim ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+            if self.type_emb is not None:
+                self.type_emb.weight[0].zero_()
             if self.cfg.use_text:
                 # With text, the ID embedding is a residual learned on top of the text vector: it starts
                 # at zero, so an item without interactions is represented by its text alone.
@@ -131,11 +138,15 @@ class SequentialRecommender(nn.Module):
         keep = torch.rand(self.cfg.num_items + 1, 1, device=self.item_emb.weight.device) >= self.cfg.id_dropout
         return keep.to(self.item_emb.weight.dtype)
 
-    def embed(self, input_ids: torch.Tensor, id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, L) -> (B, L, d). Left padding means position L-1 is always the newest item."""
+    def embed(self, batch: dict[str, torch.Tensor], id_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, L) input -> (B, L, d): item, position and (with types) event type. Left padding means position L-1
+        is always the newest item."""
+        input_ids = batch["input_ids"]
         length = input_ids.shape[1]
         x = self.item_rows(input_ids, id_keep) * math.sqrt(self.cfg.hidden_dim)
         x = x + self.pos_emb.weight[-length:][None]
+        if self.type_emb is not None and "input_types" in batch:
+            x = x + self.type_emb(batch["input_types"]) * math.sqrt(self.cfg.hidden_dim)   # on the items' scale
         return self.emb_drop(x) * (input_ids != 0).unsqueeze(-1)
 
     def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -179,7 +190,7 @@ class SASRec(SequentialRecommender):
     def forward(self, batch: dict[str, torch.Tensor], aux: bool = False) -> ModelOutput:
         input_ids = batch["input_ids"]
         id_keep = self.id_dropout_mask()
-        hidden = self.encoder(self.embed(input_ids, id_keep), causal_mask(input_ids != 0))  # (B, L, d)
+        hidden = self.encoder(self.embed(batch, id_keep), causal_mask(input_ids != 0))      # (B, L, d)
         return ModelOutput(hidden, None, id_keep)
 
 
@@ -227,7 +238,7 @@ class LongShortInterest(SequentialRecommender):
         input_ids = batch["input_ids"]
         padding = input_ids != 0
         id_keep = self.id_dropout_mask()
-        x = self.embed(input_ids, id_keep)
+        x = self.embed(batch, id_keep)
         h_long = self.long(x, causal_mask(padding))                             # (B, L, d)
         h_short = self.short(x, causal_mask(padding, window=self.cfg.short_window))
         e_gap = self.gap_emb(self.gap_buckets(batch))

@@ -35,7 +35,7 @@ class ReplayConfig(Config):
     url: str = option("http://127.0.0.1:8000", "the endpoint (its POST /events)")
     rate: float = option(0.0, "events per second at most (0: as fast as the server answers)")
     batch_size: int = option(100, "events per request")
-    type: str = option("view", "the event type of every row (until the readers take a type column)")
+    type: str = option("view", "the event type of a row without one (every row, unless --type-col names a column)")
     limit: int = option(0, "replay only the first N events in time order (0: all)")
     retry_seconds: float = option(120.0, "give up when the server refuses (429/503) or is unreachable this long")
 
@@ -115,6 +115,7 @@ def replay(cfg: ReplayConfig, progress: Optional[Callable[[int, int], None]] = N
         items = [int(i) for i in items]
     stamps = table.column("timestamp").to_pylist() if "timestamp" in table.column_names else [None] * n
     ords = table.column("ord").to_pylist()
+    kinds = [k or cfg.type for k in table.column("type").to_pylist()]
     prefix = _id_prefix(cfg)
     client = Client(cfg.url)
     totals = {"events": n, "accepted": 0, "duplicates": 0, "retries": 0}
@@ -128,7 +129,7 @@ def replay(cfg: ReplayConfig, progress: Optional[Callable[[int, int], None]] = N
                     time.sleep(ahead)
             batch = []
             for r in range(start, min(start + cfg.batch_size, n)):
-                event = {"event_id": f"{prefix}:{ords[r]}", "user_id": users[r], "item_id": items[r], "type": cfg.type}
+                event = {"event_id": f"{prefix}:{ords[r]}", "user_id": users[r], "item_id": items[r], "type": kinds[r]}
                 if stamps[r] is not None:
                     event["timestamp"] = stamps[r]
                 batch.append(event)

@@ -70,7 +70,8 @@ class ByUser:
     now: float
 
     def query(self, events: list) -> Query:
-        return self.request.user_query([e.item_id for e in events], [e.timestamp for e in events], self.now)
+        return self.request.user_query([e.item_id for e in events], [e.timestamp for e in events], self.now,
+                                       [e.type for e in events])
 
 
 @serve.deployment(name="recommender")

@@ -1,7 +1,7 @@
 """``raysrec recommend``: offline top-k for every user, with Ray Data batch inference.
 
 The histories come from a prepared folder (every user's whole sequence) or from a Parquet file/folder of
-``user_id``, ``history`` (a list of original item ids, oldest first) and optionally ``timestamps``. A pool
+``user_id``, ``history`` (a list of original item ids, oldest first) and optionally ``timestamps`` and ``types``. A pool
 of actors (``num_actors``, each loading the model once, on a GPU with ``use_gpu``) answers them in batches
 with :meth:`Recommender.run`, the endpoint's own code, so a user's list is the one ``POST /recommend``
 returns for the same history, ``k``, ``exclude_seen`` and ``now``.
@@ -58,7 +58,7 @@ class _Answerer:
     """A Ray Data actor: loads the model once, answers batches of histories."""
 
     def __init__(self, model: str, k: int, exclude_seen: bool, now: Optional[float], device: str, torch_threads: int,
-                 item_ids: Optional[np.ndarray]) -> None:
+                 item_ids: Optional[np.ndarray], type_names: Optional[np.ndarray] = None) -> None:
         import torch  # noqa: PLC0415
 
         from raysrec.serving.recommender import Recommender  # noqa: PLC0415
@@ -67,6 +67,7 @@ class _Answerer:
         self.rec = Recommender.load(model, device=device)
         self.k, self.exclude_seen, self.now = k, exclude_seen, now
         self.item_ids = item_ids     # prepared input: item index -> original id (index 0 is padding)
+        self.type_names = type_names  # prepared input: type index -> name (index 0: unknown)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raysrec.serving.recommender import Query  # noqa: PLC0415
@@ -77,8 +78,12 @@ class _Answerer:
         else:
             histories = batch.column("history").to_pylist()
         times = batch.column("timestamps").to_pylist() if "timestamps" in batch.column_names else None
+        types = batch.column("types").to_pylist() if "types" in batch.column_names else None
+        if types is not None and self.type_names is not None:
+            types = [self.type_names[np.asarray(t, dtype=np.int64)].tolist() for t in types]
         queries = [Query(history=h or [], k=self.k, exclude_seen=self.exclude_seen,
-                         timestamps=times[i] if times and times[i] is not None else None, now=self.now)
+                         timestamps=times[i] if times and times[i] is not None else None, now=self.now,
+                         types=types[i] if types and types[i] is not None else None)
                    for i, h in enumerate(histories)]
         answers = self.rec.run(queries)
         return pa.table({
@@ -114,7 +119,7 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
 
     cfg.validate()
     model = artifact.locate(cfg.model)           # a wrong model path fails here, before Ray does anything
-    item_ids = None
+    item_ids = type_names = None
     if cfg.data:
         data = PreparedData.load(cfg.data)
         with tempfile.TemporaryDirectory(prefix="raysrec-recommend-") as scratch:   # a URI model: downloaded once
@@ -122,8 +127,10 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
             check_same_items(artifact.item_ids(folder.checkpoint), data, redact(model))
         files = data.shard_files()
         fs, _ = filesystem(cfg.data)
-        columns = ["user_id", "sequence"] + (["timestamps"] if data.has_timestamps else [])
+        columns = ["user_id", "sequence"] + (["timestamps"] if data.has_timestamps else []) + (
+            ["types"] if data.event_types else [])
         item_ids = np.concatenate([[None], data.item_ids()]).astype(object)     # index 0: padding
+        type_names = np.array([""] + data.event_types, dtype=object)
     else:
         fs, root = filesystem(cfg.histories)
         info = fs.get_file_info(root)
@@ -151,7 +158,7 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
         fn_constructor_kwargs={"model": model, "k": cfg.k, "exclude_seen": cfg.exclude_seen, "now": now,
                                "device": "cuda" if cfg.use_gpu else "cpu", "torch_threads": cfg.torch_threads,
-                               "item_ids": item_ids})
+                               "item_ids": item_ids, "type_names": type_names})
     out_fs, out_root = filesystem(cfg.output)
     ds.write_parquet(join(out_root, OUTPUT_DIR), filesystem=out_fs)
     seconds = time.perf_counter() - started

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Any, Optional, TypeVar, Union
+from typing import Annotated, Any, Optional, TypeVar, Union
 
 import orjson
 from fastapi import FastAPI, Request
@@ -25,6 +25,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    StringConstraints,
     ValidationError,
     model_validator,
 )
@@ -47,11 +48,16 @@ class HistoryRequest(BaseModel):
     timestamps: Optional[list[FiniteFloat]] = Field(
         None, max_length=MAX_HISTORY, description="unix seconds of each history item (used by longshort)")
     now: Optional[FiniteFloat] = Field(None, description="unix seconds of the request; default: the newest history timestamp")
+    types: Optional[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]]] = Field(
+        None, max_length=MAX_HISTORY, description="event type of each history item (view, cart, buy, ...), for a "
+                                                  "model trained with types; a type it does not know counts as none")
 
     @model_validator(mode="after")
     def _same_length(self):
-        if self.timestamps is not None and len(self.timestamps) != len(self.history):
-            raise ValueError(f"timestamps has {len(self.timestamps)} entries but history has {len(self.history)}")
+        for name in ("timestamps", "types"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.history):
+                raise ValueError(f"{name} has {len(values)} entries but history has {len(self.history)}")
         return self
 
 
@@ -64,26 +70,29 @@ class RecommendRequest(HistoryRequest):
 
     @model_validator(mode="after")
     def _one_form(self):
-        if self.user_id is not None and {"history", "timestamps"} & self.model_fields_set:
+        if self.user_id is not None and {"history", "timestamps", "types"} & self.model_fields_set:
             raise ValueError("give user_id (the stored history) or history, not both")
         if isinstance(self.user_id, str) and not (0 < len(self.user_id) <= 256 and self.user_id.isprintable()):
             raise ValueError("user_id: expected 1 to 256 printable characters")
         return self
 
     def query(self) -> Query:
-        return Query(self.history, self.k, self.exclude_seen, self.exclude, self.timestamps, self.now)
+        return Query(self.history, self.k, self.exclude_seen, self.exclude, self.timestamps, self.now,
+                     types=self.types)
 
-    def user_query(self, items: Sequence[ItemId], timestamps: Sequence[float], now: float) -> Query:
+    def user_query(self, items: Sequence[ItemId], timestamps: Sequence[float], now: float,
+                   types: Sequence[str]) -> Query:
         """The same query on a stored history (``now``: the request's, else the server's clock)."""
         return Query(items, self.k, self.exclude_seen, self.exclude, timestamps, self.now if self.now is not None
-                     else now)
+                     else now, types=types)
 
 
 class ScoreRequest(HistoryRequest):
     candidates: list[ItemId] = Field(..., min_length=1, max_length=MAX_HISTORY)
 
     def query(self) -> Query:
-        return Query(self.history, 0, False, (), self.timestamps, self.now, candidates=self.candidates)
+        return Query(self.history, 0, False, (), self.timestamps, self.now, candidates=self.candidates,
+                     types=self.types)
 
 
 class ScoredItem(BaseModel):

@@ -59,6 +59,7 @@ class Query:
     # meet gaps from its last event to today's clock, which training never saw)
     now: Optional[float] = None
     candidates: Optional[Sequence[ItemId]] = None   # set for /score
+    types: Optional[Sequence[str]] = None           # event type of each history item (view, buy, ...)
 
 
 @dataclasses.dataclass
@@ -88,6 +89,8 @@ class Recommender:
         order = np.argsort(-counts, kind="stable")
         self.popular = (order + 1).astype(np.int64)               # item indices, most popular first
         self.metadata = metadata
+        # event type name -> the model's type index; a name it does not know is 0 ("unknown"), like a missing type
+        self.type_index = {name: i + 1 for i, name in enumerate(model.cfg.type_names)}
         self._download: Optional[tempfile.TemporaryDirectory] = None
         with torch.inference_mode():
             self.item_vectors = model.item_rows().detach().to(device).float().clone()   # (N+1, d)
@@ -176,17 +179,17 @@ class Recommender:
         value = self.item_ids[index - 1]
         return int(value) if self.ids_are_ints else str(value)
 
-    def _batch(self, histories: list[list[int]], times: list[Optional[list[float]]], nows: list[float]
-               ) -> dict[str, torch.Tensor]:
+    def _batch(self, histories: list[list[int]], times: list[Optional[list[float]]], nows: list[float],
+               types: Optional[list[Optional[list[int]]]] = None) -> dict[str, torch.Tensor]:
         """The model input for the newest position of each history: :func:`model_input`, as in training."""
-        events, end = Events.from_histories(histories, times)
+        events, end = Events.from_histories(histories, times, types if self.type_index else None)
         lengths = np.array([len(h) for h in histories], np.int64)
         return to_tensors(model_input(events, end, lengths, np.asarray(nows, np.float64)), self.device)
 
     @torch.inference_mode()
     def run(self, queries: Sequence[Query]) -> list[Answer]:
         """Answer a batch of queries with one forward pass."""
-        histories, seen, times, nows, unknowns = [], [], [], [], []
+        histories, seen, times, types, nows, unknowns = [], [], [], [], [], []
         for q in queries:
             known, positions, unknown = self.lookup(q.history)
             seen.append(known)
@@ -195,13 +198,16 @@ class Recommender:
                 t = [float(q.timestamps[p]) for p in positions][-self.max_length:]
             histories.append(known[-self.max_length:])
             times.append(t)
+            types.append([self.type_index.get(str(q.types[p]), 0) for p in positions][-self.max_length:]
+                         if q.types is not None else None)
             nows.append(float(q.now) if q.now is not None else max(t) if t else 0.0)
             unknowns.append(unknown)
         answers: list[Optional[Answer]] = [None] * len(queries)
         active = [r for r, h in enumerate(histories) if h]
         hidden = None
         if active:
-            batch = self._batch([histories[r] for r in active], [times[r] for r in active], [nows[r] for r in active])
+            batch = self._batch([histories[r] for r in active], [times[r] for r in active], [nows[r] for r in active],
+                                [types[r] for r in active])
             hidden = self.model(batch).user.float()                         # (B', d)
         row_of = {r: i for i, r in enumerate(active)}
         ranked = [r for r in active if queries[r].candidates is None]

@@ -107,6 +107,7 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData,
                           f"{data.num_items:,} items")
     if not data.has_timestamps:
         model["use_time_gap"] = False
+    model["type_names"] = data.event_types if cfg.model.use_types else []
     vectors = None
     if cfg.model.use_text:
         from raysrec.text.embed import text_vectors  # noqa: PLC0415

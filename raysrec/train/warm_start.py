@@ -1,7 +1,8 @@
 """``train.init_from``: start a training run from an earlier model trained on an older log.
 
 The newer prepared data may have new items (and users; users have no parameters). Items are matched by
-their original id: a known item keeps its learned row of the item table, a new item keeps the fresh row
+their original id (event types by name, in the type table): a known item keeps its learned row of the item
+table, a new item keeps the fresh row
 the model was built with (zero when the model fuses text, so a new item starts from its text vector alone:
 the cold-start representation ``id_dropout`` trains for). Every other parameter is copied as is, so the
 architecture must match the checkpoint's; the text vectors come from the new data. The output checkpoint's
@@ -24,8 +25,10 @@ import torch
 from raysrec.errors import ConfigError
 from raysrec.models.sequential import SequentialRecommender
 
-# Parameters and buffers with a row per item (index 0: padding), matched by original id, not copied by shape.
+# Parameters and buffers with a row per item (index 0: padding), matched by original id, not copied by shape; the
+# event-type table likewise, by type name.
 ITEM_TABLES = ("item_emb.weight",)
+VOCABULARY_TABLES = ITEM_TABLES + ("type_emb.weight",)
 FROM_DATA = ("text_vectors",)          # the new data's, set by the training loop
 
 
@@ -50,21 +53,23 @@ def warm_start(model: SequentialRecommender, source: SequentialRecommender, sour
         raise ConfigError(f"{where}: train.init_from needs the same architecture; parameters differ: "
                           f"{', '.join(diff[:5])}")
     for name, value in src.items():
-        if name in ITEM_TABLES or name in FROM_DATA:
+        if name in VOCABULARY_TABLES or name in FROM_DATA:
             continue
         if value.shape != dst[name].shape:
             raise ConfigError(f"{where}: train.init_from needs the same architecture; {name} is "
                               f"{tuple(value.shape)} there and {tuple(dst[name].shape)} here")
     old = match_items(source_ids, target_ids)
     known = np.flatnonzero(old) + 1                                                     # new indices
+    matched = {"item_emb.weight": old,
+               "type_emb.weight": match_items(np.array(source.cfg.type_names), np.array(model.cfg.type_names))}
     with torch.no_grad():
         for name, value in src.items():
             if name in FROM_DATA:
                 continue
             mix = name in params and (shrink != 1.0 or perturb != 0.0)
-            if name in ITEM_TABLES:
-                rows = torch.from_numpy(known)
-                learned = value[torch.from_numpy(old[known - 1])].to(dst[name].dtype)
+            if name in VOCABULARY_TABLES:
+                rows = torch.from_numpy(np.flatnonzero(matched[name]) + 1)
+                learned = value[torch.from_numpy(matched[name][rows.numpy() - 1])].to(dst[name].dtype)
                 dst[name][rows] = shrink * learned + perturb * dst[name][rows] if mix else learned
             elif mix:
                 dst[name].copy_(shrink * value.to(dst[name].dtype) + perturb * dst[name])

@@ -25,10 +25,32 @@ def test_grouping_sorts_by_time_keeps_ties_in_input_order_and_drops_exact_duplic
         (2, 13, 1.0, 1.0, 5, int(DropReason.RATING_BELOW_MIN)),
         (2, 14, 2.0, 5.0, 6, 0),
     ])
-    table, counts = transforms.group_user_sequences(frame)
+    table, counts, _ = transforms.group_user_sequences(frame)
     assert table.column("user").to_pylist() == [1, 2]
     assert table.column("items").to_pylist() == [[11, 10, 12, 10], [14]]
     assert counts == {"kept": 5, "duplicate": 1, "rating_below_min": 1}
+
+
+def test_event_types_are_part_of_an_event_and_can_be_selected():
+    """A view and a buy of the same item in the same second are two events; an exact repeat (type included) is a
+    duplicate; ``types`` keeps the chosen types and counts the others; the types follow their events through the
+    k-core filter, the vocabulary and truncation."""
+    rows = [(1, 10, 5.0, None, 0, 0, "view"), (1, 10, 5.0, None, 1, 0, "buy"), (1, 10, 5.0, None, 2, 0, "buy"),
+            (1, 11, 6.0, None, 3, 0, "cart"), (1, 12, 7.0, None, 4, 0, "view"), (2, 10, 1.0, None, 5, 0, "view")]
+    frame = pd.DataFrame(rows, columns=["user", "item", "timestamp", "rating", "ord", "drop_code", "type"])
+    table, counts, per_type = transforms.group_user_sequences(frame, with_types=True)
+    assert table.column("items").to_pylist() == [[10, 10, 11, 12], [10]]
+    assert table.column("types").to_pylist() == [["view", "buy", "cart", "view"], ["view"]]
+    assert counts == {"kept": 5, "duplicate": 1} and per_type == {"view": 3, "buy": 2, "cart": 1}
+    chosen, counts, per_type = transforms.group_user_sequences(frame, ["buy", "cart"], with_types=True)
+    assert chosen.column("types").to_pylist() == [["buy", "cart"]]
+    assert counts == {"kept": 2, "duplicate": 1, "type_not_selected": 3} and per_type["view"] == 3
+    kept, _ = transforms.filter_sequences(table, pa.array([10, 12]), user_k=0, min_length=1)
+    assert kept.column("types").to_pylist() == [["view", "buy", "view"], ["view"]]       # item 11's cart left
+    final, _ = transforms.finalize_sequences(kept, pd.Index([10, 12]), pd.Index([1, 2]), max_length=2,
+                                             type_vocab=pd.Index(["buy", "cart", "view"]))
+    assert final.column("sequence").to_pylist() == [[1, 2], [1]]
+    assert final.column("types").to_pylist() == [[1, 3], [3]]                         # buy = 1, view = 3
 
 
 def test_filter_attributes_each_event_to_the_first_reason():

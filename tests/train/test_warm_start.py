@@ -38,6 +38,22 @@ def test_known_items_keep_their_rows_bit_for_bit_and_new_items_start_fresh(name)
             assert torch.equal(new.state_dict()[key], value), key
 
 
+def test_event_types_keep_their_rows_by_name_and_a_new_type_starts_fresh():
+    torch.manual_seed(0)
+    old = build_model(SMALL.replace(num_items=3, type_names=["buy", "view"]))
+    new = build_model(SMALL.replace(num_items=3, type_names=["buy", "cart", "view"]))
+    fresh = new.type_emb.weight.detach().clone()
+    ids = np.array([1, 2, 3])
+    warm_start(new, old, ids, ids, "old-model")
+    assert torch.equal(new.type_emb.weight[1], old.type_emb.weight[1])          # buy
+    assert torch.equal(new.type_emb.weight[3], old.type_emb.weight[2])          # view
+    assert torch.equal(new.type_emb.weight[2], fresh[2])                        # cart: new
+    assert torch.equal(new.item_emb.weight, old.item_emb.weight)
+    untyped = build_model(SMALL.replace(num_items=3))
+    with pytest.raises(ConfigError, match="parameters differ: type_emb.weight"):
+        warm_start(untyped, old, ids, ids, "old-model")
+
+
 def test_shrink_and_perturb_mixes_learned_and_fresh_weights():
     torch.manual_seed(0)
     old = build_model(SMALL.replace(num_items=5))

@@ -1,0 +1,108 @@
+"""Event types from the log to the answer: a model trained on a log with a type column reads each event's type,
+in the history form of /recommend (``types``) and from the live store (/events keeps each event's type), over
+real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import requests
+
+from raysrec.data.pipeline import PrepareConfig, prepare
+from raysrec.data.sources import SourceConfig
+from raysrec.models.sequential import ModelConfig
+from raysrec.train.config import TrainConfig
+from raysrec.train.run import fit
+
+from .conftest import wait_healthy
+
+TINY = ModelConfig(hidden_dim=32, num_heads=2, num_layers=1, max_length=20)
+
+
+@pytest.fixture(scope="module")
+def typed_model(ray_local, tmp_path_factory):
+    """A shop-like log where the type decides what comes next: after viewing item i a user views i + 1, after
+    buying it they buy an accessory i + 50."""
+    rng = np.random.default_rng(0)
+    lines = ["user,item,event,time"]
+    for user in range(300):
+        item, t = int(rng.integers(1, 50)), 1_600_000_000 + user
+        for step in range(12):
+            kind = "buy" if rng.random() < 0.3 else "view"
+            lines.append(f"u{user},{item},{kind},{t + 60 * step}")
+            item = item + 50 if kind == "buy" and item <= 50 else (item % 50) + 1
+    root = tmp_path_factory.mktemp("typed")
+    (root / "log.csv").write_text("\n".join(lines) + "\n")
+    prepare(PrepareConfig(source=SourceConfig(path=str(root / "log.csv"), user_col="user", item_col="item",
+                                              time_col="time", type_col="event"), output=str(root / "prepared")))
+    fit(TrainConfig(data=str(root / "prepared"), output=str(root / "model"), model=TINY, epochs=8), use_ray=False)
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def typed_endpoint(typed_model, serve_port, tmp_path_factory):
+    from ray import serve
+
+    from raysrec.online.events import StoreConfig
+    from raysrec.serving.app import run
+    from raysrec.serving.config import ServeConfig
+
+    state = tmp_path_factory.mktemp("typed-state")
+    cfg = ServeConfig(model_dir=str(typed_model), port=serve_port, app_name="test-types",
+                      store=StoreConfig(url=f"sqlite:///{state}/events.db"))
+    run(cfg)
+    url = f"http://127.0.0.1:{serve_port}"
+    wait_healthy(url)
+    yield url
+    serve.delete(cfg.app_name)
+
+
+def recommend(url, body):
+    r = requests.post(f"{url}/recommend", json={"k": 5, "exclude_seen": False, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_model_reads_types_from_the_request_and_from_the_store(typed_model, typed_endpoint):
+    info = requests.get(f"{typed_endpoint}/model", timeout=30).json()
+    assert info["config"]["model"]["type_names"] == ["buy", "view"]
+    history, times = [3, 4, 5], [1.0, 2.0, 3.0]
+    viewed = recommend(typed_endpoint, {"history": history, "timestamps": times, "types": ["view"] * 3})
+    bought = recommend(typed_endpoint, {"history": history, "timestamps": times, "types": ["view", "view", "buy"]})
+    untyped = recommend(typed_endpoint, {"history": history, "timestamps": times})
+    assert viewed["items"] != bought["items"] and untyped["items"] not in (viewed["items"], bought["items"])
+    # what the log taught: after a view of 5 comes 6, after a buy of 5 its accessory 55
+    lead = {}
+    for name, kinds in (("viewed", ["view"] * 3), ("bought", ["view", "view", "buy"])):
+        r = requests.post(f"{typed_endpoint}/score", json={"history": history, "timestamps": times, "types": kinds,
+                                                          "candidates": [55, 6]}, timeout=60)
+        accessory, next_item = r.json()["scores"]
+        lead[name] = accessory - next_item
+    assert lead["bought"] > lead["viewed"] + 1.0, lead
+    # a type the model never saw counts as no type
+    odd = recommend(typed_endpoint, {"history": history, "timestamps": times, "types": ["share"] * 3})
+    assert odd["items"] == untyped["items"]
+
+    events = [{"event_id": f"t-{n}", "user_id": "shopper", "item_id": item, "type": kind, "timestamp": t}
+              for n, (item, kind, t) in enumerate(zip(history, ["view", "view", "buy"], times))]
+    assert requests.post(f"{typed_endpoint}/events", json={"events": events}, timeout=60).json()["accepted"] == 3
+    by_user = recommend(typed_endpoint, {"user_id": "shopper"})
+    assert by_user["items"] == bought["items"]
+
+
+def test_types_must_match_the_history(typed_endpoint):
+    r = requests.post(f"{typed_endpoint}/recommend", json={"history": [3, 4], "types": ["view"]}, timeout=60)
+    assert r.status_code == 422 and "types has 1 entries but history has 2" in r.text
+
+
+def test_events_ingest_replays_each_rows_type(typed_model, typed_endpoint):
+    from raysrec.online.replay import ReplayConfig, replay
+
+    log = typed_model.parent / "log.csv"
+    source = SourceConfig(path=str(log), user_col="user", item_col="item", time_col="time", type_col="event")
+    counts = replay(ReplayConfig(source=source, url=typed_endpoint))
+    rows = [line.split(",") for line in log.read_text().splitlines()[1:]]
+    assert counts["accepted"] == len(rows)
+    for user in ("u0", "u1", "u2"):
+        stored = requests.get(f"{typed_endpoint}/users/{user}/history", timeout=30).json()["events"]
+        assert [(e["item_id"], e["type"]) for e in stored] == [(int(r[1]), r[2]) for r in rows if r[0] == user]
