@@ -30,8 +30,8 @@ from raysrec.config import Config, check, option
 from raysrec.errors import InputError
 from raysrec.files import Location
 
-SourceFormat = Literal["auto", "ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet"]
-FORMATS = ("ml-1m", "ml-100k", "recbole", "sasrec", "csv", "parquet")
+SourceFormat = Literal["auto", "ml-1m", "ml-100k", "recbole", "sasrec", "user-lines", "csv", "parquet"]
+FORMATS = ("ml-1m", "ml-100k", "recbole", "sasrec", "user-lines", "csv", "parquet")
 
 # ord = file_index * 2**44 + byte offset of the split + row number inside the split. A row takes
 # at least one byte, so ords are unique and follow file order, then line order.
@@ -74,7 +74,9 @@ class SourceConfig(Config):
 
     ``format='auto'`` recognises a MovieLens-1M folder (``ratings.dat``), a MovieLens-100K
     folder (``u.data``), a RecBole atomic folder or file (``*.inter``), ``.csv``/``.tsv`` and
-    ``.parquet``; SASRec-paper ``.txt`` files must be named with ``format='sasrec'``.
+    ``.parquet``; SASRec-paper ``.txt`` files (``user item`` per line) must be named with ``format='sasrec'``,
+    and files with one user per line (``user item item ...``, oldest first: S3-Rec, RecBole and many paper
+    releases) with ``format='user-lines'``.
     """
 
     path: str = option("", 'interaction file or folder: a local path or a pyarrow URI (s3://, gs://, file://)')
@@ -245,12 +247,13 @@ def resolve_source(cfg: SourceConfig) -> ResolvedSource:
         return ResolvedSource(fmt, [data], ["user", "item", "rating", "timestamp"],
                               {"user": "user", "item": "item", "rating": "rating", "timestamp": "timestamp"},
                               "\t", False, "latin-1", "int", items_path, cfg.on_bad_row)
-    if fmt == "sasrec":
+    if fmt in ("sasrec", "user-lines"):
+        layout = "'user item' lines" if fmt == "sasrec" else "'user item item ...' lines"
         files = path.glob("*.txt") if path.is_dir() else [path]
         if not files:
-            raise InputError("no *.txt file in the folder (SASRec format expects 'user item' lines)", path=str(path))
+            raise InputError(f"no *.txt file in the folder ({fmt} format expects {layout})", path=str(path))
         for f in files:
-            _require_file(f, "SASRec interaction file")
+            _require_file(f, f"{fmt} interaction file ({layout})")
         return ResolvedSource(fmt, files, ["user", "item"], {"user": "user", "item": "item"},
                               " ", False, cfg.encoding, "int", items_path, cfg.on_bad_row)
     if fmt == "recbole":
@@ -511,7 +514,52 @@ def parse_times(text: pa.Array) -> np.ndarray:
     return seconds
 
 
+def _read_user_lines(source: ResolvedSource, split: Split) -> pa.Table:
+    """``user item item ...`` lines (oldest first, no times): one row per item, its ord (and so its time) the
+    byte offset of its token, so a user's items keep their line order. A line with a user and no item is a
+    ``malformed_row`` (or the error naming it); a blank line a ``blank_line``."""
+    data, first = _read_range(source.files[split.file_index], split.start, split.end)
+    base_ord = (split.file_index + source.file_offset) * _ORD_FILE_STRIDE + first
+    users, items, ords, codes = [], [], [], []
+    at = 0
+    for raw in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
+        line_at, at = at, at + len(raw) + 1
+        tokens = [(m.start(), m.group()) for m in re.finditer(rb"\S+", raw)]
+        problem = None
+        if not tokens:
+            users.append(None), items.append(None), ords.append(base_ord + line_at)
+            codes.append(int(DropReason.BLANK_LINE))
+            continue
+        if len(tokens) < 2:
+            problem = "expected 'user item item ...' (a user and at least one item), found one field"
+        elif len(raw) > MAX_LINE_BYTES * 64 or any(len(t) > MAX_ID_LENGTH for _, t in tokens):
+            problem = "an id longer than 512 characters or a line of over 4 MiB: a broken file?"
+        elif not all(t.isdigit() for _, t in tokens):
+            problem = f"expected integer ids, found {next(t for _, t in tokens if not t.isdigit())[:40]!r}"
+        if problem is not None:
+            if source.on_bad_row == "error":
+                raise InputError(problem, path=split.path,
+                                 line=line_number(source.files[split.file_index], first + line_at))
+            users.append(None), items.append(None), ords.append(base_ord + line_at)
+            codes.append(int(DropReason.MALFORMED_ROW))
+            continue
+        user = tokens[0][1].decode(source.encoding, "replace")
+        for offset, token in tokens[1:]:
+            users.append(user), items.append(token.decode(source.encoding, "replace"))
+            ords.append(base_ord + line_at + offset), codes.append(0)
+    id_type = source.arrow_id_type
+    n = len(ords)
+    stamps = np.asarray(ords, np.float64)
+    return pa.Table.from_arrays(
+        [pa.array(users, pa.string()).cast(id_type), pa.array(items, pa.string()).cast(id_type),
+         pa.array(np.where(np.asarray(codes) == 0, stamps, np.nan), pa.float64(), from_pandas=True),
+         pa.nulls(n, pa.float64()), pa.array(ords, pa.int64()), pa.array(codes, pa.int8()), pa.nulls(n, pa.string())],
+        schema=event_schema(id_type))
+
+
 def _read_text_split(source: ResolvedSource, split: Split) -> pa.Table:
+    if source.format == "user-lines":
+        return _read_user_lines(source, split)
     data, first = _read_range(source.files[split.file_index], split.start, split.end)
     skip_header = source.has_header and split.start == 0
     if skip_header:

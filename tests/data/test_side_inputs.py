@@ -110,3 +110,28 @@ def test_rees46_with_string_times_types_and_a_broken_last_line(ray_local, tmp_pa
     seqs = PreparedData.load(tmp_path / "out").read()
     # 2019-10-01 00:00:00 UTC to 02:50:00 UTC
     assert seqs.times.min() >= 1569888000.0 and seqs.times.max() <= 1569888000.0 + 170 * 60
+
+
+def test_one_user_per_line(tmp_path):
+    """``user item item ...`` (S3-Rec, RecBole and many paper releases): each item a row, in line order."""
+    path = tmp_path / "seqs.txt"
+    path.write_text("1 5 6 7\n\n2 9  8\n3\n")
+    cfg = SourceConfig(path=str(path), format="user-lines", on_bad_row="skip")
+    table = _read(cfg)
+    kept = table.filter(pa.array(np.asarray(table.column("drop_code")) == 0))
+    assert kept.column("user").to_pylist() == [1, 1, 1, 2, 2] and kept.column("item").to_pylist() == [5, 6, 7, 9, 8]
+    assert np.all(np.diff(kept.column("timestamp").to_numpy()[:3]) > 0)             # line order = time order
+    assert sorted(table.column("drop_code").to_pylist()) == [0] * 5 + [1, 2]          # "3": no item; a blank line
+    with pytest.raises(InputError, match=r"seqs.txt, line 4: expected 'user item item ...'"):
+        _read(cfg.replace(on_bad_row="error"))
+
+
+def test_amazon_sports_in_its_own_layout():
+    sports = SHARED / "amazon-sports" / "Sports_and_Outdoors.txt"
+    if not sports.is_file():
+        pytest.skip(f"{sports} not found")
+    table = _read(SourceConfig(path=str(sports), format="user-lines"))
+    # README: 35,598 users, 18,357 items, 296,337 interactions
+    assert table.num_rows == 296_337 and (np.asarray(table.column("drop_code")) == 0).all()
+    assert len(set(table.column("user").to_pylist())) == 35_598
+    assert len(set(table.column("item").to_pylist())) == 18_357
