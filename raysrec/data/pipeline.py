@@ -45,15 +45,17 @@ import pyarrow.parquet as pq
 
 import raysrec
 from raysrec.config import Config, check, option, redact, redact_tree
-from raysrec.data import transforms
+from raysrec.data import attributes, transforms
 from raysrec.data.sources import (
     DropReason,
     ResolvedSource,
     SourceConfig,
+    file_ord,
     plan_splits,
     read_item_metadata,
     read_split,
     resolve_source,
+    split_bytes,
     with_event_log,
 )
 from raysrec.data.split import SplitConfig, SplitSpec
@@ -80,6 +82,9 @@ class PrepareConfig(Config):
     min_sequence_length: int = option(3, 'drop users with fewer events (leave-one-out needs 3, global_time 1)')
     max_sequence_length: Optional[int] = option(None, "keep each user's newest N events (prepare's truncation, not the model window)")
     split: SplitConfig = dataclasses.field(default_factory=SplitConfig)
+    item_features: Optional[list[str]] = option(None, "item attributes, COLUMN[:KIND] with KIND category (default), "
+                                                      "multi ('|'-separated), path (a.b.c) or numeric (quantile "
+                                                      "buckets); from the items file, else the event rows")
     types: Optional[list[str]] = option(None, "keep only these event types (values of source.type_col, e.g. buy "
                                               "cart); the others are counted under type_not_selected")
     event_log: Optional[str] = option(None, "the live service's event log (raysrec events export), read beside the "
@@ -193,6 +198,27 @@ def _finalize_shard(batch: dict[str, np.ndarray], allowed: Optional[pa.Array],
             "data": [_to_blob(final) if final.num_rows else b""]}
 
 
+def _attribute_splits(batch: pa.Table, source: ResolvedSource, columns: list[str]) -> pd.DataFrame:
+    """The newest sighting of each (item, attribute column, value) in these splits of the event rows."""
+    from raysrec.data.sources import Split  # noqa: PLC0415
+
+    parts = []
+    item_col, time_col = source.roles["item"], source.roles.get("timestamp")
+    for row in batch.to_pylist():
+        split = Split(**row)
+        if source.format == "parquet":
+            with source.files[split.file_index].open() as handle:
+                table = pq.ParquetFile(handle).read_row_group(
+                    split.row_group, columns=list(dict.fromkeys([item_col] + ([time_col] if time_col else []) + columns)))
+            parts.append(attributes.observations(table, item_col, time_col, columns,
+                                                 file_ord(source, split) + split.row_offset))
+            continue
+        data, first_ord = split_bytes(source, split)
+        parts.append(attributes.split_attributes(data, source.fields, item_col, time_col, columns, source.delimiter,
+                                                 source.encoding, first_ord))
+    return pd.concat(parts, ignore_index=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +236,7 @@ def check_inputs(cfg: PrepareConfig) -> ResolvedSource:
                          "(set source.time_col)", path=cfg.source.path)
     if cfg.event_log:
         with_event_log(source, cfg.event_log)
+    attribute_sources(cfg, source)
     out = Location.of(cfg.output) if "://" in cfg.output else Path(cfg.output).resolve()
     if out.exists() and not cfg.overwrite:
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
@@ -245,6 +272,42 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     return manifest
 
 
+def _items_file_attributes(cfg: PrepareConfig, source: ResolvedSource) -> Optional[pd.DataFrame]:
+    if source.items_path is None or not cfg.item_features or not source.items_path.is_file():
+        return None
+    if source.format in ("ml-1m", "ml-100k", "recbole"):     # their own item files: title and categories (genres)
+        meta = read_item_metadata(source, cfg.source)
+        return None if meta is None else meta.drop(columns="title").fillna("")
+    with source.items_path.open() as handle:
+        data = handle.read()      # item files are small; read on the driver
+    specs = [attributes.FeatureSpec.parse(f) for f in cfg.item_features]
+    sep = cfg.source.sep or ("\t" if source.items_path.suffix in (".tsv", ".item") else ",")
+    return attributes.read_items_attributes(data, str(source.items_path), cfg.source.item_col,
+                                            [s.column for s in specs], sep, cfg.source.encoding)
+
+
+def attribute_sources(cfg: PrepareConfig, source: ResolvedSource) -> dict[str, str]:
+    """Where each item attribute is read: ``items`` (the items file has the column) or ``events`` (the event rows
+    do); a column in neither fails here, before Ray starts."""
+    if not cfg.item_features:
+        return {}
+    specs = [attributes.FeatureSpec.parse(f) for f in cfg.item_features]
+    items = _items_file_attributes(cfg, source)
+    in_items = set(items.columns) - {"item_id"} if items is not None else set()
+    found = {}
+    for spec in specs:
+        if spec.column in in_items:
+            found[spec.column] = "items"
+        elif spec.column in source.fields and source.format in ("csv", "parquet"):
+            found[spec.column] = "events"
+        else:
+            where = f"the items file {source.items_path} has {sorted(in_items)}" if items is not None else \
+                "there is no items file (--items)"
+            raise InputError(f"prepare.item_features: column '{spec.column}' is in neither the items nor the event "
+                             f"rows ({where}; the event rows have {source.fields})", path=cfg.source.path)
+    return found
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """Find a user-facing error inside Ray's task-error wrappers."""
     seen = exc
@@ -265,6 +328,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
         source, log_source = with_event_log(source, cfg.event_log)
         sources = [source, log_source]
     splits = plan_splits(source, cfg.split_bytes)
+    main_splits = list(splits)            # the source's own (item attributes are read from its rows)
     if cfg.event_log:
         splits += [dataclasses.replace(s, source_index=1) for s in plan_splits(log_source, cfg.split_bytes)]
     if not splits:
@@ -364,7 +428,8 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     else:
         splits = SplitSpec().accounting(offsets, np.zeros(int(offsets[-1])))
 
-    _write_items(tmp, source, cfg.source, item_vocab, item_count, train_count)
+    features = _item_features(cfg, source, main_splits, item_vocab, ray)
+    _write_items(tmp, source, cfg.source, item_vocab, item_count, train_count, features)
     cfg.save(tmp / CONFIG_FILE)
     shard_files = sorted((r["file"], int(len(r["lengths"])), int(np.sum(r["lengths"]))) for r in rows if r["file"])
     return {
@@ -376,6 +441,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
                                                                           else [])],
         "event_log": {"path": redact(cfg.event_log), "files": len(sources[1].files)} if cfg.event_log else None,
         "has_timestamps": source.has_timestamp,
+        "item_features": [{k: v for k, v in f.items() if k != "tokens"} for f in features],
         "event_types": None if type_vocab is None else {
             "column": cfg.source.type_col, "vocabulary": [str(t) for t in type_vocab],   # index 1.., 0 = unknown
             "read": dict(sorted(types_read.items())),
@@ -420,8 +486,37 @@ def _vocabulary(ids: np.ndarray, id_auto: bool) -> tuple[pd.Index, bool]:
     return pd.Index(transforms.sorted_vocabulary(ids)), False
 
 
+def _item_features(cfg: PrepareConfig, source: ResolvedSource, splits: list, item_vocab: pd.Index,
+                   ray) -> list[dict[str, Any]]:
+    """Each ``prepare.item_features`` column encoded for the items of the vocabulary: its manifest entry
+    (column, kind, where it was read, vocabulary, items with a value, conflicts) and ``tokens`` per item."""
+    where = attribute_sources(cfg, source)
+    if not where:
+        return []
+    keys = [str(i) for i in item_vocab.to_numpy()]
+    values: dict[str, tuple[pd.Series, Optional[int]]] = {}
+    items = _items_file_attributes(cfg, source)
+    for column in [c for c, w in where.items() if w == "items"]:
+        frame = items.set_index("item_id")[column]
+        values[column] = (frame.mask(frame.str.strip() == ""), None)
+    from_events = [c for c, w in where.items() if w == "events"]
+    if from_events:
+        ds = ray.data.from_items([dataclasses.asdict(s) for s in splits], override_num_blocks=len(splits))
+        seen = ds.map_batches(_attribute_splits, batch_size=1, batch_format="pyarrow",
+                              fn_kwargs={"source": source, "columns": from_events}).to_pandas()
+        for column in from_events:
+            values[column] = attributes.latest_values(seen, column)
+    out = []
+    for spec in (attributes.FeatureSpec.parse(f) for f in cfg.item_features or []):
+        series, conflicts = values[spec.column]
+        tokens, vocab = attributes.encode(series.reindex(keys), spec.kind)
+        out.append({"name": spec.column, "kind": spec.kind, "source": where[spec.column], "vocabulary": vocab,
+                    "items_with_value": int(sum(1 for t in tokens if t)), "conflicts": conflicts, "tokens": tokens})
+    return out
+
+
 def _write_items(out: Path, source: ResolvedSource, source_cfg: SourceConfig, item_vocab: pd.Index,
-                 item_count: np.ndarray, train_count: np.ndarray) -> None:
+                 item_count: np.ndarray, train_count: np.ndarray, features: list[dict[str, Any]]) -> None:
     """``items.parquet``: index, original id, ``count`` (every kept event: what serving's popularity fallback
     ranks by) and ``train_count`` (training events only: the sampled softmax's popularity proposal)."""
     ids = item_vocab.to_numpy()
@@ -442,4 +537,7 @@ def _write_items(out: Path, source: ResolvedSource, source_cfg: SourceConfig, it
     table = table.cast(pa.schema([
         ("item_index", pa.int32()), ("item_id", pa.int64() if ids.dtype.kind in "iu" else pa.string()),
         ("count", pa.int64()), ("train_count", pa.int64()), ("title", pa.string()), ("categories", pa.string())]))
+    for feature in features:
+        table = table.append_column(attributes.COLUMN_PREFIX + feature["name"],
+                                    pa.array(feature["tokens"], pa.list_(pa.int32())))
     pq.write_table(table, out / ITEMS_FILE)

@@ -514,6 +514,21 @@ def parse_times(text: pa.Array) -> np.ndarray:
     return seconds
 
 
+def split_bytes(source: ResolvedSource, split: Split) -> tuple[bytes, int]:
+    """The data lines of a text split (the header line left out) and the ord of its first byte: what a reader of
+    other columns of the same rows (item attributes) needs."""
+    data, first = _read_range(source.files[split.file_index], split.start, split.end)
+    if source.has_header and split.start == 0:
+        cut = data.find(b"\n")
+        data, first = (b"", first) if cut < 0 else (data[cut + 1:], first + cut + 1)
+    return data, file_ord(source, split) + first
+
+
+def file_ord(source: ResolvedSource, split: Split) -> int:
+    """The ord of byte 0 (text) or row 0 (Parquet) of the split's file: ords of every file stay apart."""
+    return (split.file_index + source.file_offset) * _ORD_FILE_STRIDE
+
+
 def _read_user_lines(source: ResolvedSource, split: Split) -> pa.Table:
     """``user item item ...`` lines (oldest first, no times): one row per item, its ord (and so its time) the
     byte offset of its token, so a user's items keep their line order. A line with a user and no item is a
@@ -867,6 +882,8 @@ def read_item_metadata(source: ResolvedSource, cfg: SourceConfig) -> Optional[pd
         return None
     location = source.items_path
     _require_file(location, "item metadata file")
+    if location.suffix == ".json":          # S3-Rec's item2attributes.json: attributes only (prepare.item_features)
+        return None
     with location.open() as handle:
         path = io.BytesIO(handle.read())    # item metadata is small; pandas reads it from memory
     try:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raysrec.data.attributes import COLUMN_PREFIX, token_matrix
 from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE
 from raysrec.data.split import LEAVE_ONE_OUT, Positions, SplitSpec
 from raysrec.errors import InputError
@@ -117,6 +118,16 @@ class PreparedData:
     @property
     def has_timestamps(self) -> bool:
         return bool(self.manifest.get("has_timestamps", False))
+
+    def item_features(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        """Each item attribute of ``prepare.item_features``: its vocabulary (token index - 1 -> name) and the
+        (num_items + 1, M) token indices of every item (0-padded; row 0 is padding)."""
+        out = {}
+        ordered = self.items.sort_values("item_index")
+        for feature in self.manifest.get("item_features") or []:
+            column = ordered[COLUMN_PREFIX + feature["name"]].tolist()
+            out[feature["name"]] = (list(feature["vocabulary"]), token_matrix(column, self.num_items))
+        return out
 
     @property
     def event_types(self) -> list[str]:

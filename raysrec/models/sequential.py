@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +55,12 @@ class ModelConfig(Config):
     # behaviour types (view, cart, buy, ...): an embedding of each input event's type joins its position embedding
     use_types: bool = option(True, "read each event's type (prepare --type-col) when the data has types")
     type_names: list[str] = dataclasses.field(default_factory=list)   # set from the data: type index 1..T
+    # item attributes (prepare --item-features): each attribute's tokens of an item are embedded, mean-pooled and
+    # layer-normed on their own, and summed into the item representation, on the input and the output side
+    use_item_features: bool = option(False, "fuse the item attributes of prepare --item-features into the item "
+                                            "representation (sum fusion)")
+    feature_vocab: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # set from the data
+    feature_width: dict[str, int] = dataclasses.field(default_factory=dict)         # most tokens of one item
 
     def validate(self) -> None:
         check(self.hidden_dim > 0 and self.hidden_dim % self.num_heads == 0,
@@ -80,6 +87,14 @@ class SequentialRecommender(nn.Module):
         self.emb_drop = nn.Dropout(cfg.dropout if cfg.emb_dropout is None else cfg.emb_dropout)
         self.type_emb = nn.Embedding(len(cfg.type_names) + 1, cfg.hidden_dim, padding_idx=0) \
             if cfg.type_names else None                              # row 0: padding, or a type not known
+        # one table and one LayerNorm per attribute; its tokens per item are a buffer, like the text vectors, so a
+        # checkpoint carries every item's attributes (an item never seen in training still has them)
+        self.feature_emb = nn.ModuleList([nn.Embedding(len(v) + 1, cfg.hidden_dim, padding_idx=0)
+                                          for v in cfg.feature_vocab.values()])
+        self.feature_norm = nn.ModuleList([nn.LayerNorm(cfg.hidden_dim) for _ in cfg.feature_vocab])
+        for i, name in enumerate(cfg.feature_vocab):
+            self.register_buffer(f"feature_tokens_{i}",
+                                 torch.zeros(cfg.num_items + 1, max(1, cfg.feature_width.get(name, 1)), dtype=torch.long))
         if cfg.use_text:
             check(cfg.text_dim > 0, "model.text_dim must be set from the item text vectors")
             # A buffer, not a parameter: frozen, but saved in the state dict, so a checkpoint carries the
@@ -99,10 +114,23 @@ class SequentialRecommender(nn.Module):
             self.item_emb.weight[0].zero_()
             if self.type_emb is not None:
                 self.type_emb.weight[0].zero_()
+            for norm in self.feature_norm:        # attributes start on the scale of an ID embedding row
+                norm.weight.fill_(self.cfg.hidden_dim ** -0.5)
             if self.cfg.use_text:
                 # With text, the ID embedding is a residual learned on top of the text vector: it starts
                 # at zero, so an item without interactions is represented by its text alone.
                 self.item_emb.weight.zero_()
+
+    def set_item_features(self, tables: dict[str, np.ndarray]) -> None:
+        """Load each attribute's ``(num_items + 1, M)`` token indices (0-padded; row 0 = padding), by name."""
+        check(list(tables) == list(self.cfg.feature_vocab), f"item attributes {list(tables)} do not fit this model "
+              f"({list(self.cfg.feature_vocab)})")
+        for i, tokens in enumerate(tables.values()):
+            buffer = getattr(self, f"feature_tokens_{i}")
+            check(tuple(tokens.shape) == tuple(buffer.shape), f"item attribute tokens of shape {tokens.shape} do not "
+                  f"fit this model ({tuple(buffer.shape)})")
+            with torch.no_grad():
+                buffer.copy_(torch.as_tensor(tokens, dtype=torch.long))
 
     def set_text_vectors(self, vectors: torch.Tensor) -> None:
         """Load the frozen ``(num_items + 1, text_dim)`` item text vectors (row 0 = padding)."""
@@ -114,18 +142,25 @@ class SequentialRecommender(nn.Module):
 
     def item_rows(self, item_ids: Optional[torch.Tensor] = None, id_keep: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
-        """(...) item indices -> (..., d) item representations (ID embedding [+ projected text]); without
+        """(...) item indices -> (..., d) item representations (ID embedding [+ projected text] [+ attributes]); without
         ``item_ids`` the whole table (N+1, d), which is also the output side (input and output are tied).
 
         ``id_keep`` (N+1, 1): the ID-dropout mask of this training step (see :meth:`id_dropout_mask`).
         """
         whole = item_ids is None
         rows = self.item_emb.weight if whole else self.item_emb(item_ids)
-        if not self.cfg.use_text:
-            return rows
-        if id_keep is not None:
-            rows = rows * (id_keep if whole else id_keep[item_ids])
-        return rows + self.text_proj(self.text_vectors if whole else self.text_vectors[item_ids])
+        if self.cfg.use_text:
+            if id_keep is not None:
+                rows = rows * (id_keep if whole else id_keep[item_ids])
+            rows = rows + self.text_proj(self.text_vectors if whole else self.text_vectors[item_ids])
+        for i, (emb, norm) in enumerate(zip(self.feature_emb, self.feature_norm)):
+            tokens = getattr(self, f"feature_tokens_{i}")
+            tokens = tokens if whole else tokens[item_ids]                                # (..., M)
+            flat = tokens.reshape(-1, tokens.shape[-1])
+            pooled = F.embedding_bag(flat, emb.weight, mode="mean", padding_idx=0)          # (P, d); none: 0
+            part = norm(pooled) * (flat > 0).any(-1, keepdim=True)                         # no value: nothing
+            rows = rows + part.reshape(*tokens.shape[:-1], -1)
+        return rows
 
     def id_dropout_mask(self) -> Optional[torch.Tensor]:
         """(N+1, 1) 0/1: the items whose ID embedding this training step keeps; ``None`` outside training.

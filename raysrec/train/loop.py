@@ -92,10 +92,11 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_model_config(cfg: TrainConfig, data: PreparedData,
-                         device_type: str = "cpu") -> tuple[TrainConfig, Optional[np.ndarray]]:
-    """Fill what the data and the device decide (item count, text vector size, whether there are real
-    timestamps, the loss ``auto`` stands for); the text vectors if used.
+def resolve_model_config(cfg: TrainConfig, data: PreparedData, device_type: str = "cpu"
+                         ) -> tuple[TrainConfig, Optional[np.ndarray], dict[str, np.ndarray]]:
+    """Fill what the data and the device decide (item count, text vector size, event types, item attributes,
+    whether there are real timestamps, the loss ``auto`` stands for); the text vectors and the attribute tokens
+    if used.
 
     Without real timestamps (e.g. SASRec text files, where the line order is the time order), the time
     gaps of the long/short model would be line-ordinal differences read as seconds: they are switched off.
@@ -108,13 +109,23 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData,
     if not data.has_timestamps:
         model["use_time_gap"] = False
     model["type_names"] = data.event_types if cfg.model.use_types else []
+    features = {}
+    if cfg.model.use_item_features:
+        tables = data.item_features()
+        if not tables:
+            raise ConfigError(f"model.use_item_features: {data.root} has no item attributes (prepare --item-features)")
+        features = {name: tokens for name, (_, tokens) in tables.items()}
+        model["feature_vocab"] = {name: vocab for name, (vocab, _) in tables.items()}
+        model["feature_width"] = {name: int(tokens.shape[1]) for name, tokens in features.items()}
+    else:
+        model["feature_vocab"], model["feature_width"] = {}, {}
     vectors = None
     if cfg.model.use_text:
         from raysrec.text.embed import text_vectors  # noqa: PLC0415
 
         vectors = text_vectors(data.items, data.num_items, where=data.root)
         model["text_dim"] = int(vectors.shape[1])
-    return cfg.replace(model=model, loss=loss), vectors
+    return cfg.replace(model=model, loss=loss), vectors, features
 
 
 def train_loop(cfg: TrainConfig, session: Session) -> dict[str, Any]:
@@ -132,7 +143,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     error = None
     try:
         data = PreparedData.load(cfg.data)
-        cfg, vectors = resolve_model_config(cfg, data, session.device.type)
+        cfg, vectors, features = resolve_model_config(cfg, data, session.device.type)
         files = data.shard_files()
         # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
         by_file = len(files) >= session.world_size
@@ -173,6 +184,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
     device = session.device
     if vectors is not None:
         model.set_text_vectors(torch.from_numpy(vectors))
+    if features:
+        model.set_item_features(features)
     model = model.to(device)
     excluded = torch.from_numpy(cold).to(device) if cold is not None else None
     sparse = sparse_item_grads(cfg.item_grads, cfg.loss, cfg.weight_decay, device.type == "cuda") \

@@ -26,10 +26,27 @@ from raysrec.errors import ConfigError
 from raysrec.models.sequential import SequentialRecommender
 
 # Parameters and buffers with a row per item (index 0: padding), matched by original id, not copied by shape; the
-# event-type table likewise, by type name.
+# event-type table and each attribute's table likewise, by name.
 ITEM_TABLES = ("item_emb.weight",)
-VOCABULARY_TABLES = ITEM_TABLES + ("type_emb.weight",)
-FROM_DATA = ("text_vectors",)          # the new data's, set by the training loop
+
+
+def _from_data(name: str) -> bool:
+    """The new data's (text vectors, attribute tokens per item), set by the training loop, never copied."""
+    return name == "text_vectors" or name.startswith("feature_tokens_")
+
+
+def vocabulary_matches(model: SequentialRecommender, source: SequentialRecommender, old_items: np.ndarray,
+                       where: str) -> dict[str, np.ndarray]:
+    """Per table with a row per vocabulary entry: ``old[i - 1]``, the source row of this model's row ``i``."""
+    if list(source.cfg.feature_vocab) != list(model.cfg.feature_vocab):
+        raise ConfigError(f"{where}: train.init_from needs the same item attributes; the checkpoint has "
+                          f"{list(source.cfg.feature_vocab)}, this data {list(model.cfg.feature_vocab)}")
+    out = {"item_emb.weight": old_items,
+           "type_emb.weight": match_items(np.array(source.cfg.type_names), np.array(model.cfg.type_names))}
+    for i, name in enumerate(model.cfg.feature_vocab):
+        out[f"feature_emb.{i}.weight"] = match_items(np.array(source.cfg.feature_vocab[name]),
+                                                     np.array(model.cfg.feature_vocab[name]))
+    return out
 
 
 def match_items(source_ids: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
@@ -52,22 +69,21 @@ def warm_start(model: SequentialRecommender, source: SequentialRecommender, sour
         diff = sorted(set(src) ^ set(dst))
         raise ConfigError(f"{where}: train.init_from needs the same architecture; parameters differ: "
                           f"{', '.join(diff[:5])}")
+    old = match_items(source_ids, target_ids)
+    matched = vocabulary_matches(model, source, old, where)
     for name, value in src.items():
-        if name in VOCABULARY_TABLES or name in FROM_DATA:
+        if name in matched or _from_data(name):
             continue
         if value.shape != dst[name].shape:
             raise ConfigError(f"{where}: train.init_from needs the same architecture; {name} is "
                               f"{tuple(value.shape)} there and {tuple(dst[name].shape)} here")
-    old = match_items(source_ids, target_ids)
     known = np.flatnonzero(old) + 1                                                     # new indices
-    matched = {"item_emb.weight": old,
-               "type_emb.weight": match_items(np.array(source.cfg.type_names), np.array(model.cfg.type_names))}
     with torch.no_grad():
         for name, value in src.items():
-            if name in FROM_DATA:
+            if _from_data(name):
                 continue
             mix = name in params and (shrink != 1.0 or perturb != 0.0)
-            if name in VOCABULARY_TABLES:
+            if name in matched:
                 rows = torch.from_numpy(np.flatnonzero(matched[name]) + 1)
                 learned = value[torch.from_numpy(matched[name][rows.numpy() - 1])].to(dst[name].dtype)
                 dst[name][rows] = shrink * learned + perturb * dst[name][rows] if mix else learned

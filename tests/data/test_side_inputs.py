@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -104,12 +105,28 @@ def test_rees46_with_string_times_types_and_a_broken_last_line(ray_local, tmp_pa
         pytest.skip(f"{REES46} not found")
     manifest = prepare(PrepareConfig(source=SourceConfig(path=str(REES46), item_col="product_id",
                                                          time_col="event_time", type_col="event_type",
-                                                         on_bad_row="skip"), output=str(tmp_path / "out")))
+                                                         on_bad_row="skip"), output=str(tmp_path / "out"),
+                                     item_features=["brand", "category_code:path", "price:numeric"]))
     assert manifest["rows_read"] == 17435 and manifest["rows_dropped"]["malformed_row"] == 1
     assert manifest["event_types"]["read"] == {"cart": 165, "purchase": 214, "view": 17055}
-    seqs = PreparedData.load(tmp_path / "out").read()
+    data = PreparedData.load(tmp_path / "out")
+    seqs = data.read()
     # 2019-10-01 00:00:00 UTC to 02:50:00 UTC
     assert seqs.times.min() >= 1569888000.0 and seqs.times.max() <= 1569888000.0 + 170 * 60
+    # attributes from the event rows: the newest value per item, each feature with its vocabulary
+    features = {f["name"]: f for f in manifest["item_features"]}
+    assert [f["source"] for f in features.values()] == ["events"] * 3
+    assert "appliances.kitchen" in features["category_code"]["vocabulary"]
+    assert len(features["price"]["vocabulary"]) == 10 and features["price"]["items_with_value"] == data.num_items
+    assert 0 < features["brand"]["items_with_value"] < data.num_items                # brand is often empty
+    tables = data.item_features()
+    vocab, tokens = tables["category_code"]
+    assert tokens.shape[0] == data.num_items + 1 and not tokens[0].any()
+    raw = pd.read_csv(REES46, usecols=["product_id", "category_code"], dtype=str).dropna().drop_duplicates(
+        "product_id", keep="last")
+    item = data.item_ids().tolist().index(int(raw["product_id"].iloc[0])) + 1
+    levels = raw["category_code"].iloc[0].split(".")
+    assert [vocab[t - 1] for t in tokens[item] if t] == [".".join(levels[:i + 1]) for i in range(len(levels))]
 
 
 def test_one_user_per_line(tmp_path):

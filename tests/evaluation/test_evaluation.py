@@ -94,8 +94,8 @@ def test_time_gaps_are_off_for_data_without_real_timestamps(tmp_path):
     from raysrec.train.loop import resolve_model_config
 
     cfg = TrainConfig(model=ModelConfig(name="longshort"))
-    with_time, _ = resolve_model_config(cfg, _prepared(tmp_path / "a", np.arange(1, 6), has_timestamps=True))
-    ordinal, _ = resolve_model_config(cfg, _prepared(tmp_path / "b", np.arange(1, 6), has_timestamps=False))
+    with_time, _, _ = resolve_model_config(cfg, _prepared(tmp_path / "a", np.arange(1, 6), has_timestamps=True))
+    ordinal, _, _ = resolve_model_config(cfg, _prepared(tmp_path / "b", np.arange(1, 6), has_timestamps=False))
     assert with_time.model.use_time_gap and not ordinal.model.use_time_gap
     assert ordinal.model.num_items == 5
 

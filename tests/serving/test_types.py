@@ -1,6 +1,6 @@
-"""Event types from the log to the answer: a model trained on a log with a type column reads each event's type,
-in the history form of /recommend (``types``) and from the live store (/events keeps each event's type), over
-real HTTP on 127.0.0.1."""
+"""Event types and item attributes from the log to the answer: a model trained on a log with a type column and an
+item attribute reads each event's type, in the history form of /recommend (``types``) and from the live store
+(/events keeps each event's type), and ranks with its attribute-fused item table, over real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -24,18 +24,20 @@ def typed_model(ray_local, tmp_path_factory):
     """A shop-like log where the type decides what comes next: after viewing item i a user views i + 1, after
     buying it they buy an accessory i + 50."""
     rng = np.random.default_rng(0)
-    lines = ["user,item,event,time"]
+    lines = ["user,item,event,time,shelf"]
     for user in range(300):
         item, t = int(rng.integers(1, 50)), 1_600_000_000 + user
         for step in range(12):
             kind = "buy" if rng.random() < 0.3 else "view"
-            lines.append(f"u{user},{item},{kind},{t + 60 * step}")
+            lines.append(f"u{user},{item},{kind},{t + 60 * step},s{item % 10}")
             item = item + 50 if kind == "buy" and item <= 50 else (item % 50) + 1
     root = tmp_path_factory.mktemp("typed")
     (root / "log.csv").write_text("\n".join(lines) + "\n")
     prepare(PrepareConfig(source=SourceConfig(path=str(root / "log.csv"), user_col="user", item_col="item",
-                                              time_col="time", type_col="event"), output=str(root / "prepared")))
-    fit(TrainConfig(data=str(root / "prepared"), output=str(root / "model"), model=TINY, epochs=8), use_ray=False)
+                                              time_col="time", type_col="event"), output=str(root / "prepared"),
+                          item_features=["shelf"]))
+    fit(TrainConfig(data=str(root / "prepared"), output=str(root / "model"),
+                    model=TINY.replace(use_item_features=True), epochs=8), use_ray=False)
     return root / "model"
 
 
@@ -66,6 +68,7 @@ def recommend(url, body):
 def test_the_model_reads_types_from_the_request_and_from_the_store(typed_model, typed_endpoint):
     info = requests.get(f"{typed_endpoint}/model", timeout=30).json()
     assert info["config"]["model"]["type_names"] == ["buy", "view"]
+    assert info["config"]["model"]["feature_vocab"] == {"shelf": [f"s{i}" for i in range(10)]}
     history, times = [3, 4, 5], [1.0, 2.0, 3.0]
     viewed = recommend(typed_endpoint, {"history": history, "timestamps": times, "types": ["view"] * 3})
     bought = recommend(typed_endpoint, {"history": history, "timestamps": times, "types": ["view", "view", "buy"]})
@@ -106,3 +109,17 @@ def test_events_ingest_replays_each_rows_type(typed_model, typed_endpoint):
     for user in ("u0", "u1", "u2"):
         stored = requests.get(f"{typed_endpoint}/users/{user}/history", timeout=30).json()["events"]
         assert [(e["item_id"], e["type"]) for e in stored] == [(int(r[1]), r[2]) for r in rows if r[0] == user]
+
+
+def test_served_item_table_is_the_attribute_fused_one(typed_model):
+    """The endpoint's item vectors are the model's fused table (ID + attribute), read from the checkpoint alone."""
+    import torch
+
+    from raysrec.serving.recommender import Recommender
+
+    rec = Recommender.load(typed_model)
+    with torch.no_grad():
+        fused = rec.model.item_rows()
+    assert torch.equal(rec.item_vectors, fused.float())
+    assert not torch.allclose(fused[1:], rec.model.item_emb.weight[1:])            # the attribute part is there
+    assert rec.model.feature_tokens_0[1:].gt(0).all()                              # every item has its shelf

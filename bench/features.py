@@ -1,0 +1,132 @@
+"""Benchmark: item attributes and event types in the model, on the shared real logs (issue #27, step 5).
+
+Each run prepares its data once (cached in the work folder), then trains single-process (``fit(use_ray=False)``,
+the loop a Ray Train worker runs) with early stopping on valid NDCG@10 and scores the best checkpoint on the test
+targets: leave-one-out, full ranking over the catalogue, the user's history masked. One JSON line per run is
+appended to ``--results`` as it ends; the table is printed from that file, with the published figures for
+Amazon Sports beside it.
+
+    python bench/features.py --runs sports/ids sports/attributes --seeds 0 1 2
+    python bench/features.py --runs taobao/ids taobao/types ml-100k/ids ml-100k/genres
+    python bench/features.py --table-only
+
+Runs: ``sports/{ids,attributes}`` (S3-Rec's Sports_and_Outdoors with its item2attributes.json, fused by sum),
+``ml-100k/{ids,genres}``, ``taobao/{ids,types}`` (the four behaviour types as input; next event of any type),
+``rees46/{ids,types,attributes}`` (brand, category path, price bucket; a 3-hour slice, too small for claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from raysrec.data.pipeline import PrepareConfig, prepare
+from raysrec.data.sources import SourceConfig
+from raysrec.models.sequential import ModelConfig
+from raysrec.ray_utils import ensure_ray
+from raysrec.train.config import TrainConfig
+from raysrec.train.run import fit
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SPORTS = SHARED / "amazon-sports"
+# ../shared/data/amazon-sports/README.md: full ranking, leave-one-out, on exactly these files
+PUBLISHED_SPORTS = [("SASRec (BCE, S3-Rec paper)", 0.0350, 0.0192), ("SASRec_F (attributes at the input)", 0.0277, 0.0144),
+                    ("S3-Rec", 0.0385, 0.0204), ("SASRec in RecBole (DIF-SR paper)", 0.0526, 0.0233),
+                    ("DIF-SR", 0.0556, 0.0264)]
+
+DATA = {
+    "sports": lambda: PrepareConfig(source=SourceConfig(
+        path=str(SPORTS / "Sports_and_Outdoors.txt"), format="user-lines",
+        items_path=str(SPORTS / "Sports_and_Outdoors_item2attributes.json")), item_features=["attributes:multi"]),
+    "ml-100k": lambda: PrepareConfig(source=SourceConfig(path=str(SHARED / "ml-100k")),
+                                     item_features=["categories:multi"]),
+    "taobao": lambda: PrepareConfig(source=SourceConfig(
+        path=str(SHARED / "taobao-sample" / "UserBehavior.csv"),
+        columns=["user_id", "item_id", "category_id", "behavior", "timestamp"], type_col="behavior",
+        on_bad_row="skip"), item_features=["category_id"]),
+    "rees46": lambda: PrepareConfig(source=SourceConfig(
+        path=str(SHARED / "rees46-slice" / "2019-Oct-slice.csv"), item_col="product_id", time_col="event_time",
+        type_col="event_type", on_bad_row="skip"), item_features=["brand", "category_code:path", "price:numeric"]),
+}
+# what each variant turns on; "ids" is the plain model (no types, no attributes)
+VARIANTS = {"ids": {"use_types": False, "use_item_features": False},
+            "types": {"use_types": True, "use_item_features": False},
+            "attributes": {"use_types": False, "use_item_features": True},
+            "genres": {"use_types": False, "use_item_features": True}}
+
+
+def prepared(name: str, work: Path) -> Path:
+    out = work / f"{name}-prepared"
+    if not (out / "manifest.json").is_file():
+        prepare(DATA[name]().replace(output=str(out), overwrite=True))
+    return out
+
+
+def run(spec: str, seed: int, work: Path, epochs: int, patience: int) -> dict:
+    name, variant = spec.split("/")
+    data = prepared(name, work)
+    cfg = TrainConfig(data=str(data), output=str(work / f"{name}-{variant}-{seed}"), seed=seed, epochs=epochs,
+                      patience=patience, model=ModelConfig(**VARIANTS[variant]))
+    started = time.time()
+    metrics = fit(cfg, use_ray=False)
+    return {"run": spec, "seed": seed, "test_ndcg@10": metrics["test"]["ndcg@10"],
+            "test_hr@10": metrics["test"]["hr@10"], "valid_ndcg@10": metrics["valid"]["ndcg@10"],
+            "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "loss": metrics["loss"],
+            "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.time() - started, 1),
+            "examples_per_second": metrics["examples_per_second"]}
+
+
+def table(results: Path) -> str:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    by_run: dict[str, list[dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"], []).append(r)
+    lines = ["| run | seeds | test NDCG@10 | test HR@10 | best epoch | s to stop | loss |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+
+    def spread(values: list[float]) -> str:
+        mean = statistics.mean(values)
+        return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+    for run_name, rs in by_run.items():
+        lines.append(f"| {run_name} | {len(rs)} | {spread([r['test_ndcg@10'] for r in rs])} | "
+                     f"{spread([r['test_hr@10'] for r in rs])} | {statistics.mean(r['best_epoch'] for r in rs):.0f} | "
+                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f} | {rs[0]['loss']} |")
+    lines += ["", "Published on Amazon Sports (full ranking, leave-one-out):", "",
+              "| model | HR@10 | NDCG@10 |", "| --- | --- | --- |",
+              *[f"| {m} | {hr:.4f} | {ndcg:.4f} |" for m, hr, ndcg in PUBLISHED_SPORTS]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", default=["sports/ids", "sports/attributes"],
+                        help=f"DATA/VARIANT with DATA in {list(DATA)} and VARIANT in {list(VARIANTS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--work", default=None, help="where prepared data and models go (default: a temp folder)")
+    parser.add_argument("--results", default=str(REPO / "bench" / "results" / "features.jsonl"))
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    results = Path(args.results)
+    if not args.table_only:
+        ensure_ray(num_cpus=2)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raysrec-features-"))
+        for seed in args.seeds:
+            for spec in args.runs:
+                row = run(spec, seed, work, args.epochs, args.patience)
+                print(json.dumps(row), flush=True)
+                with results.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Item attributes: parsing a feature, its tokens per kind, the newest value from event rows with conflicts counted,
+and the fusion into the model's item representation (on and off, warm start with new values)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from raysrec.data import attributes
+from raysrec.errors import ConfigError, InputError
+from raysrec.models.sequential import ModelConfig, build_model
+from raysrec.train.warm_start import warm_start
+
+
+def test_a_feature_is_a_column_and_a_kind():
+    assert attributes.FeatureSpec.parse("brand") == attributes.FeatureSpec("brand", "category")
+    assert attributes.FeatureSpec.parse("category_code:path").kind == "path"
+    with pytest.raises(InputError, match="expected COLUMN or COLUMN:KIND with KIND one of"):
+        attributes.FeatureSpec.parse("price:bucket")
+
+
+def test_tokens_per_kind():
+    assert attributes.tokens_of("appliances.kitchen.mixer", "path") == [
+        "appliances", "appliances.kitchen", "appliances.kitchen.mixer"]
+    assert attributes.tokens_of("Action|Comedy|Action", "multi") == ["Action", "Comedy"]
+    assert attributes.tokens_of("  ", "category") == [] and attributes.tokens_of(None, "category") == []
+    tokens, vocab = attributes.encode(pd.Series(["b", None, "a", "b"]), "category")
+    assert vocab == ["a", "b"] and tokens == [[2], [], [1], [2]]
+    prices = pd.Series([str(p) for p in range(1, 21)] + [None, "n/a"])
+    tokens, vocab = attributes.encode(prices, "numeric")
+    assert len(vocab) == attributes.NUMERIC_BUCKETS and vocab[0] == "[1, 2]" and vocab[-1] == "[19, 20]"
+    assert [t[0] for t in tokens[:20]] == [b for b in range(1, 11) for _ in range(2)] and tokens[20:] == [[], []]
+    assert attributes.token_matrix([[1, 2], [], None, [3]], 4).tolist() == [[0, 0], [1, 2], [0, 0], [0, 0], [3, 0]]
+
+
+def test_event_rows_give_the_newest_value_and_count_conflicts():
+    """REES46 carries attributes on every event: per item the newest non-empty value; an item seen with two
+    values is a conflict. Two splits, as two Ray Data tasks would read them."""
+    first = pa.table({"item": ["1", "1", "2"], "time": ["2019-10-01 00:00:00 UTC", "2019-10-01 00:05:00 UTC",
+                                                          "2019-10-01 00:01:00 UTC"],
+                      "brand": ["acme", "", "zeta"], "price": ["10.0", "12.0", "3.5"]})
+    second = pa.table({"item": ["1", "2"], "time": ["2019-10-01 00:03:00 UTC", "2019-10-01 00:00:30 UTC"],
+                       "brand": ["", "omega"], "price": ["11.0", "3.5"]})
+    seen = pd.concat([attributes.observations(t, "item", "time", ["brand", "price"], base)
+                      for t, base in ((first, 0), (second, 100))])
+    brand, brand_conflicts = attributes.latest_values(seen, "brand")
+    price, price_conflicts = attributes.latest_values(seen, "price")
+    assert brand.to_dict() == {"1": "acme", "2": "zeta"} and brand_conflicts == 1      # item 2: zeta is newer
+    assert price.to_dict() == {"1": "12.0", "2": "3.5"} and price_conflicts == 1       # item 1: 10, 12, 11
+
+
+def _model(vocab, width=2, num_items=4, **kwargs):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=num_items, hidden_dim=8, num_heads=2, num_layers=1, max_length=4,
+                      use_item_features=True, feature_vocab=vocab, feature_width={n: width for n in vocab}, **kwargs)
+    return build_model(cfg)
+
+
+def test_attributes_are_fused_into_both_sides_of_the_item_table():
+    model = _model({"genre": ["a", "b", "c"]})
+    plain = model.item_emb.weight.detach().clone()
+    model.set_item_features({"genre": np.array([[0, 0], [1, 2], [1, 0], [0, 0], [3, 0]])})
+    with torch.no_grad():
+        table = model.item_rows()
+        rows = model.item_rows(torch.tensor([[1, 2, 3]]))
+    torch.testing.assert_close(rows[0], table[1:4])                   # input side = output side (tied)
+    assert torch.equal(table[3], plain[3]) and torch.equal(table[0], plain[0])   # no value (and padding): ID alone
+    assert not torch.allclose(table[1], plain[1]) and not torch.allclose(table[1], table[2])
+    with pytest.raises(ConfigError, match="item attribute tokens of shape"):
+        model.set_item_features({"genre": np.zeros((5, 3), np.int64)})
+
+
+def test_warm_start_keeps_attribute_rows_by_value_and_new_values_start_fresh():
+    old = _model({"brand": ["acme", "zeta"]})
+    new = _model({"brand": ["acme", "omega", "zeta"]})
+    fresh = new.feature_emb[0].weight.detach().clone()
+    ids = np.arange(1, 5)
+    warm_start(new, old, ids, ids, "old-model")
+    assert torch.equal(new.feature_emb[0].weight[1], old.feature_emb[0].weight[1])      # acme
+    assert torch.equal(new.feature_emb[0].weight[3], old.feature_emb[0].weight[2])      # zeta
+    assert torch.equal(new.feature_emb[0].weight[2], fresh[2])                          # omega: new
+    other = _model({"category": ["acme", "zeta"]})
+    with pytest.raises(ConfigError, match="the same item attributes"):
+        warm_start(other, old, ids, ids, "old-model")
