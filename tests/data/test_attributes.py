@@ -59,8 +59,9 @@ def _model(vocab, width=2, num_items=4, **kwargs):
     return build_model(cfg)
 
 
-def test_attributes_are_fused_into_both_sides_of_the_item_table():
-    model = _model({"genre": ["a", "b", "c"]})
+@pytest.mark.parametrize("name", ["sasrec", "longshort"])
+def test_attributes_are_fused_into_both_sides_of_the_item_table(name):
+    model = _model({"genre": ["a", "b", "c"]}, name=name)
     plain = model.item_emb.weight.detach().clone()
     model.set_item_features({"genre": np.array([[0, 0], [1, 2], [1, 0], [0, 0], [3, 0]])})
     with torch.no_grad():
@@ -69,6 +70,12 @@ def test_attributes_are_fused_into_both_sides_of_the_item_table():
     torch.testing.assert_close(rows[0], table[1:4])                   # input side = output side (tied)
     assert torch.equal(table[3], plain[3]) and torch.equal(table[0], plain[0])   # no value (and padding): ID alone
     assert not torch.allclose(table[1], plain[1]) and not torch.allclose(table[1], table[2])
+    batch = {"input_ids": torch.tensor([[0, 1, 4]]), "input_times": torch.tensor([[0.0, 1.0, 2.0]]),
+             "target_times": torch.tensor([[0.0, 2.0, 3.0]])}
+    with torch.no_grad():
+        with_genres = model(batch).user
+        model.feature_tokens_0.zero_()                                  # the same model, its attributes taken away
+        assert not torch.allclose(model(batch).user, with_genres)     # the sequence encoder reads them
     with pytest.raises(ConfigError, match="item attribute tokens of shape"):
         model.set_item_features({"genre": np.zeros((5, 3), np.int64)})
 
