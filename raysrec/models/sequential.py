@@ -53,7 +53,8 @@ class ModelConfig(Config):
     # al., NeurIPS 2017): what lets items never seen in training compete with the ones that were
     id_dropout: float = option(0.0, 'with use_text: share of item ID embeddings dropped per step, so text alone ranks well (cold items)')
     # behaviour types (view, cart, buy, ...): an embedding of each input event's type joins its position embedding
-    use_types: bool = option(True, "read each event's type (prepare --type-col) when the data has types")
+    use_types: bool = option(False, "read each event's type (prepare --type-col): an embedding per type joins the "
+                                    "position embedding (off by default: no gain measured on Taobao, README)")
     type_names: list[str] = dataclasses.field(default_factory=list)   # set from the data: type index 1..T
     # item attributes (prepare --item-features): each attribute's tokens of an item are embedded, mean-pooled and
     # layer-normed on their own, and summed into the item representation, on the input and the output side

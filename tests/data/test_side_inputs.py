@@ -95,9 +95,14 @@ def test_types_selects_event_types(ray_local, tmp_path):
     assert manifest["event_types"]["vocabulary"] == ["buy", "cart"]
     assert manifest["rows_dropped"]["type_not_selected"] == 75872 + 2356
     assert manifest["rows_read"] == manifest["rows_kept"] + sum(manifest["rows_dropped"].values())
+    small = tmp_path / "small.csv"
+    small.write_text("".join(f"{u},{i},{k},{t}\n" for t, (u, i, k) in enumerate(
+        [(1, 2, "pv"), (1, 3, "buy"), (1, 4, "pv"), (2, 2, "cart")])))
     with pytest.raises(InputError, match=r"prepare.types \['like'\]: none of these event types is in column "
-                                         r"'behavior', which holds \['buy', 'cart', 'fav', 'pv'\]"):
-        prepare(PrepareConfig(source=source, output=str(tmp_path / "none"), types=["like"]))
+                                         r"'behavior', which holds \['buy', 'cart', 'pv'\]"):
+        prepare(PrepareConfig(source=SourceConfig(path=str(small), columns=["user_id", "item_id", "behavior",
+                                                                             "timestamp"], type_col="behavior"),
+                              output=str(tmp_path / "none"), types=["like"]))
 
 
 def test_rees46_with_string_times_types_and_a_broken_last_line(ray_local, tmp_path):

@@ -37,7 +37,7 @@ def typed_model(ray_local, tmp_path_factory):
                                               time_col="time", type_col="event"), output=str(root / "prepared"),
                           item_features=["shelf"]))
     fit(TrainConfig(data=str(root / "prepared"), output=str(root / "model"),
-                    model=TINY.replace(use_item_features=True), epochs=8), use_ray=False)
+                    model=TINY.replace(use_types=True, use_item_features=True), epochs=8), use_ray=False)
     return root / "model"
 
 
