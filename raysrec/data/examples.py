@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from raysrec.data.storage import SequenceSet
-from raysrec.models.inputs import model_input, to_tensors, window
+from raysrec.models.inputs import model_input, to_tensors
 
 Split = Literal["train", "valid", "test"]
 
@@ -71,16 +71,15 @@ class Examples:
         the work on padding (tests/data/test_trimmed_batches.py).
         """
         stop, count = self.stop[idx], self.count[idx].astype(np.int64)
-        items = self.seqs.items
+        last = self.seqs.items[stop - 1].astype(np.int64)          # each row's newest target
         out = model_input(self.seqs.events(), stop - 1, count, self.seqs.times[stop - 1],
                           None if trim else self.max_length)
         length = out["input_ids"].shape[1]
-        if self.last_only:
-            out["target_ids"] = np.zeros((len(idx), length), np.int64)
-            out["target_ids"][:, -1] = items[stop - 1]
-        else:
-            at, shown = window(stop, count, length)                    # a position's target: the next event
-            out["target_ids"] = np.where(shown, items[at], 0).astype(np.int64)
+        out["target_ids"] = np.zeros((len(idx), length), np.int64)
+        out["target_ids"][:, -1] = last
+        if not self.last_only:      # a position's target is the next input (rows are contiguous, left-padded)
+            following = out["input_ids"][:, 1:]
+            out["target_ids"][:, :-1] = np.where(out["padding_mask"][:, :-1], following, 0)
         if with_history:
             out["history"] = self.history(idx)
         return out

@@ -286,11 +286,11 @@ def _items_file_attributes(cfg: PrepareConfig, source: ResolvedSource) -> Option
                                             [s.column for s in specs], sep, cfg.source.encoding)
 
 
-def attribute_sources(cfg: PrepareConfig, source: ResolvedSource) -> dict[str, str]:
+def attribute_sources(cfg: PrepareConfig, source: ResolvedSource) -> tuple[dict[str, str], Optional[pd.DataFrame]]:
     """Where each item attribute is read: ``items`` (the items file has the column) or ``events`` (the event rows
-    do); a column in neither fails here, before Ray starts."""
+    do), and the items file's attributes (read once); a column in neither fails here, before Ray starts."""
     if not cfg.item_features:
-        return {}
+        return {}, None
     specs = [attributes.FeatureSpec.parse(f) for f in cfg.item_features]
     items = _items_file_attributes(cfg, source)
     in_items = set(items.columns) - {"item_id"} if items is not None else set()
@@ -305,7 +305,7 @@ def attribute_sources(cfg: PrepareConfig, source: ResolvedSource) -> dict[str, s
                 "there is no items file (--items)"
             raise InputError(f"prepare.item_features: column '{spec.column}' is in neither the items nor the event "
                              f"rows ({where}; the event rows have {source.fields})", path=cfg.source.path)
-    return found
+    return found, items
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -490,12 +490,11 @@ def _item_features(cfg: PrepareConfig, source: ResolvedSource, splits: list, ite
                    ray) -> list[dict[str, Any]]:
     """Each ``prepare.item_features`` column encoded for the items of the vocabulary: its manifest entry
     (column, kind, where it was read, vocabulary, items with a value, conflicts) and ``tokens`` per item."""
-    where = attribute_sources(cfg, source)
+    where, items = attribute_sources(cfg, source)
     if not where:
         return []
     keys = [str(i) for i in item_vocab.to_numpy()]
     values: dict[str, tuple[pd.Series, Optional[int]]] = {}
-    items = _items_file_attributes(cfg, source)
     for column in [c for c, w in where.items() if w == "items"]:
         frame = items.set_index("item_id")[column]
         values[column] = (frame.mask(frame.str.strip() == ""), None)

@@ -92,3 +92,24 @@ def test_warm_start_keeps_attribute_rows_by_value_and_new_values_start_fresh():
     other = _model({"category": ["acme", "zeta"]})
     with pytest.raises(ConfigError, match="the same item attributes"):
         warm_start(other, old, ids, ids, "old-model")
+
+
+def test_attributes_from_an_items_file_come_before_the_event_rows(tmp_path):
+    """S3-Rec's item2attributes.json and a csv items file are read on the driver; a column the items file has is
+    taken from it, one only the event rows have from them, one in neither fails before Ray starts."""
+    from raysrec.data.pipeline import PrepareConfig, attribute_sources
+    from raysrec.data.sources import SourceConfig, resolve_source
+
+    json_items = attributes.read_items_attributes(b'{"1": [4, 7], "2": [4]}', "x.json", "item_id", [], " ", "utf-8")
+    assert json_items.to_dict("list") == {"item_id": ["1", "2"], "attributes": ["4|7", "4"]}
+    log, items = tmp_path / "log.csv", tmp_path / "items.csv"
+    log.write_text("user_id,item_id,timestamp,brand\n1,10,1,acme\n1,11,2,zeta\n")
+    items.write_text("item_id,brand,genre\n10,acme-from-items,a|b\n")
+    cfg = PrepareConfig(source=SourceConfig(path=str(log), items_path=str(items)), output=str(tmp_path / "out"),
+                        item_features=["genre:multi", "brand"])
+    where, frame = attribute_sources(cfg, resolve_source(cfg.source))
+    assert where == {"genre": "items", "brand": "items"} and frame["genre"].tolist() == ["a|b"]
+    cfg = cfg.replace(source=cfg.source.replace(items_path=None), item_features=["brand"])
+    assert attribute_sources(cfg, resolve_source(cfg.source))[0] == {"brand": "events"}
+    with pytest.raises(InputError, match="column 'colour' is in neither the items nor the event rows"):
+        attribute_sources(cfg.replace(item_features=["colour"]), resolve_source(cfg.source))
