@@ -14,6 +14,10 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAYSREC_PROGRESS", "0")
+# Ray Train's controller polls its workers every 2 s by default, so each run ends up to 2 s after its last
+# epoch and a short test run spends more time waiting than training (a 2-epoch run on the synthetic log:
+# ~18 s -> ~13 s at 0.2 s). A documented Ray setting, inherited by every Ray the tests start.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.environ.get("RAYSREC_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))

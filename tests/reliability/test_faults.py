@@ -101,7 +101,7 @@ def _finished_trials(experiment: Path, epochs: int) -> dict[str, float]:
 def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_path, ray_tmp):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"model.dropout": {"uniform": [0.1, 0.4]}, "lr": {"loguniform": [5e-4, 3e-3]}}))
-    samples, epochs = 3, 2
+    samples, epochs = 2, 2   # killed after the first trial; the resume runs the second
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
         "data": str(synth_prepared), "output": str(tmp_path / "search"), "space": str(space),
@@ -140,6 +140,10 @@ def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_
     kept = trials.set_index("trial_id")["valid_ndcg@10"]
     for trial_id, value in before.items():                               # finished before the kill: kept as is
         assert kept[trial_id] == pytest.approx(value, abs=1e-12)
+    # the same output again without --resume is refused in one line, and the finished search is left as it was
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr.strip().splitlines()[-1], again.stderr[-2000:]
+    assert pd.read_csv(tmp_path / "search" / "trials.csv").equals(trials)
 
 
 def test_killed_serve_replica_under_load_fails_at_most_one_percent(tmp_path, ray_tmp):

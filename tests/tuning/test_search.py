@@ -1,4 +1,5 @@
-"""A tiny real search (Ray Tune + Optuna + ASHA over Ray Train runs) and its resume."""
+"""A tiny real search (Ray Tune + Optuna + ASHA over Ray Train runs). Its resume after a killed driver is in
+tests/reliability/test_faults.py."""
 
 from __future__ import annotations
 
@@ -52,19 +53,6 @@ def test_tiny_search_exports_the_best_trial(ray_local, synth_prepared, tmp_path,
     # serve can load best/ directly
     from raysrec.serving.recommender import Recommender
     assert Recommender.load(out / "best").num_items == 200
-
-
-def test_resume_completes_a_search_without_repeating_trials(ray_local, synth_prepared, tmp_path, space_file):
-    out = tmp_path / "search"
-    run_search(search_config(synth_prepared, out, space_file, 2))
-    first = pd.read_csv(out / "trials.csv")
-    # Same experiment, asked for more samples than it has: restore keeps the 2 finished trials.
-    summary = run_search(search_config(synth_prepared, out, space_file, 2), resume=True)
-    again = pd.read_csv(out / "trials.csv")
-    assert sorted(again["trial_id"]) == sorted(first["trial_id"])
-    assert summary["search"]["num_trials"] == 2
-    with pytest.raises(Exception, match="--resume"):
-        run_search(search_config(synth_prepared, out, space_file, 2))
 
 
 def test_asha_stopped_trials_do_not_starve_the_next_ones(ray_local, synth_prepared, tmp_path, space_file):
