@@ -8,10 +8,12 @@ Amazon Sports beside it.
 
     python bench/features.py --runs sports/ids sports/attributes --seeds 0 1 2
     python bench/features.py --runs taobao/ids taobao/types ml-100k/ids ml-100k/genres
+    python bench/features.py --runs taobao/buy-ids taobao/buy-types --seeds 0 1 2
     python bench/features.py --table-only
 
 Runs: ``sports/{ids,attributes}`` (S3-Rec's Sports_and_Outdoors with its item2attributes.json, fused by sum),
 ``ml-100k/{ids,genres}``, ``taobao/{ids,types}`` (the four behaviour types as input; next event of any type),
+``taobao/{buy-ids,buy-types}`` (next-buy: only buys are targets, the history keeps every behaviour),
 ``rees46/{ids,types,attributes}`` (brand, category path, price bucket; a 3-hour slice, too small for claims).
 """
 
@@ -53,11 +55,14 @@ DATA = {
         path=str(SHARED / "rees46-slice" / "2019-Oct-slice.csv"), item_col="product_id", time_col="event_time",
         type_col="event_type", on_bad_row="skip"), item_features=["brand", "category_code:path", "price:numeric"]),
 }
-# what each variant turns on; "ids" is the plain model (no types, no attributes)
+# what each variant turns on (model options; target_types is the training option); "ids" is the plain model
 VARIANTS = {"ids": {"use_types": False, "use_item_features": False},
             "types": {"use_types": True, "use_item_features": False},
             "attributes": {"use_types": False, "use_item_features": True},
-            "genres": {"use_types": False, "use_item_features": True}}
+            "genres": {"use_types": False, "use_item_features": True},
+            # next-buy prediction (train.target_types): buys are the only targets; the history keeps every type
+            "buy-ids": {"use_types": False, "use_item_features": False, "target_types": ["buy"]},
+            "buy-types": {"use_types": True, "use_item_features": False, "target_types": ["buy"]}}
 
 
 def prepared(name: str, work: Path) -> Path:
@@ -70,8 +75,10 @@ def prepared(name: str, work: Path) -> Path:
 def run(spec: str, seed: int, work: Path, epochs: int, patience: int) -> dict:
     name, variant = spec.split("/")
     data = prepared(name, work)
+    options = dict(VARIANTS[variant])
+    target_types = options.pop("target_types", [])
     cfg = TrainConfig(data=str(data), output=str(work / f"{name}-{variant}-{seed}"), seed=seed, epochs=epochs,
-                      patience=patience, model=ModelConfig(**VARIANTS[variant]))
+                      patience=patience, model=ModelConfig(**options), target_types=target_types)
     started = time.time()
     metrics = fit(cfg, use_ray=False)
     return {"run": spec, "seed": seed, "test_ndcg@10": metrics["test"]["ndcg@10"],

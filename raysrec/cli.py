@@ -80,15 +80,15 @@ PREPARE_OPTIONS = [
 TRAIN_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
     "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
-    "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "model.use_types", "model.use_item_features", "cold_items", "resume", "resume_from",
-    "init_from", "init_optimizer", "init_shrink", "init_perturb", "item_grads", "eval_max_users", "storage_path", "verbose"]
+    "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "model.use_types",
+    "model.use_item_features", "target_types", "cold_items", "resume", "resume_from", "init_from", "init_optimizer", "init_shrink", "init_perturb", "item_grads", "eval_max_users", "storage_path", "verbose"]
 RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
                      "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
 EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]
 TUNE_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "space", "num_samples", "max_concurrent", "epochs", "grace_period", "seed",
     "scheduler", "refit_epochs", "train.model.name:--model", "train.loss", "train.patience", "train.num_workers",
-    "train.cpus_per_worker", "train.gpus_per_worker", "train.use_gpu"]
+    "train.cpus_per_worker", "train.gpus_per_worker", "train.use_gpu", "train.target_types"]
 SERVE_OPTIONS = [
     "model_dir:--model,-m", "host", "port", "num_replicas:--num-replicas,--replicas", "device", "batching",
     "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "torch_threads", "ingress", "throughput_optimized",
@@ -133,6 +133,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(TrainConfig, args)
     data = PreparedData.load(cfg.data)   # a wrong --data fails here, in one line, before Ray starts
+    data.target_split(cfg.target_types)  # and so does a --target-types the data does not have
     if cfg.resume_from:                  # so does a checkpoint trained on other items
         from raysrec import artifact  # noqa: PLC0415
         from raysrec.evaluation import check_same_items  # noqa: PLC0415
@@ -269,7 +270,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         args.config = os.path.join(output, "tune_config.yaml")  # resume with the original settings
     cfg = _config_from_args(SearchConfig, args)
     load_space(space_path(cfg.space))  # a bad space fails here, before Ray starts
-    PreparedData.load(cfg.data)         # so does a wrong --data
+    PreparedData.load(cfg.data).target_split(cfg.train.target_types)   # so do a wrong --data and --target-types
     ensure_ray(num_cpus=args.num_cpus)
     summary = run_search(cfg, resume=args.resume)
     search = summary["search"]

@@ -252,7 +252,7 @@ class CheckpointEvaluator:
         check_same_items(artifact.item_ids(folder), data, str(model_dir))
         self.model.to(device)
         self.device = torch.device(device)
-        self.seqs = data.read()
+        self.seqs = data.read(target_types=self.cfg.target_types)     # the targets the model was trained for
         self.cold = held_out_items(data.num_items, self.cfg.cold_items, self.cfg.seed) if self.cfg.cold_items else None
         if self.cold is not None:
             self.seqs = without_items(self.seqs, self.cold)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from raysrec.data.storage import SequenceSet
-from raysrec.models.inputs import model_input, to_tensors
+from raysrec.models.inputs import model_input, to_tensors, window
 
 Split = Literal["train", "valid", "test"]
 
@@ -80,6 +80,10 @@ class Examples:
         if not self.last_only:      # a position's target is the next input (rows are contiguous, left-padded)
             following = out["input_ids"][:, 1:]
             out["target_ids"][:, :-1] = np.where(out["padding_mask"][:, :-1], following, 0)
+            eligible = self.seqs.target_flags()
+            if eligible is not None:    # only events of the target types are targets; the input keeps them all
+                at, shown = window(stop, count, length)
+                out["target_ids"] *= shown & eligible[at]
         if with_history:
             out["history"] = self.history(idx)
         return out
@@ -122,7 +126,8 @@ def training_examples(seqs: SequenceSet, max_length: int, windows: Literal["last
 
     ``windows='last'`` keeps the newest ``max_length`` positions per user (the SASRec paper);
     ``'all'`` also cuts older history into further non-overlapping windows, newest first, so every
-    training target is used once per epoch. Vectorised: no Python loop over users or windows.
+    training target is used once per epoch. Vectorised: no Python loop over users or windows. With target types
+    (``split.target_types``) only events of those types are targets, and windows holding none are left out.
     """
     n_targets = np.maximum(seqs.positions().train_end.astype(np.int64) - 1, 0)     # per user
     per_user = -(-n_targets // max_length) if windows == "all" else (n_targets > 0).astype(np.int64)
@@ -130,6 +135,11 @@ def training_examples(seqs: SequenceSet, max_length: int, windows: Literal["last
     k = np.arange(len(owner)) - np.repeat(np.cumsum(per_user) - per_user, per_user)  # 0 = newest window
     stop = seqs.offsets[:-1][owner] + n_targets[owner] + 1 - k * max_length
     count = np.minimum(max_length, n_targets[owner] - k * max_length).astype(np.int32)
+    eligible = seqs.target_flags()
+    if eligible is not None:        # target types: rows without a single target of those types train nothing
+        seen = np.concatenate([[0], np.cumsum(eligible, dtype=np.int64)])
+        keep = seen[stop] - seen[stop - count] > 0
+        stop, count, owner = stop[keep], count[keep], owner[keep]
     return Examples(seqs, max_length, stop.astype(np.int64), count, owner)
 
 

@@ -13,6 +13,13 @@ Two protocols (``prepare.split.protocol``):
 
 The cut is kept in the prepared data's manifest and applied when sequences are read
 (:meth:`SplitSpec.positions`), so the shards hold each user's whole sequence once.
+
+**Target types** (``train.target_types``, e.g. next-buy prediction): only events of the chosen types are
+targets, while every event stays in the history the model reads. Leave-one-out then holds out each user's last
+event of a chosen type (test) and the one before it (valid), each predicted from everything the user did before
+it; the events after the test target are not used. Under ``global_time`` the held-out targets are the first
+events of a chosen type in each period. Training targets are the chosen-type events before the validation
+target (users without two such targets train on all their events: they are not evaluated).
 """
 
 from __future__ import annotations
@@ -110,6 +117,7 @@ class SplitSpec:
     protocol: Protocol = "leave_one_out"
     valid_from: Optional[float] = None
     test_from: Optional[float] = None
+    target_types: tuple[int, ...] = ()     # event type indices that can be targets (empty: every event)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> SplitSpec:
@@ -118,9 +126,21 @@ class SplitSpec:
             return cls("global_time", float(splits["valid_from"]), float(splits["test_from"]))
         return cls()
 
-    def positions(self, offsets: np.ndarray, times: np.ndarray) -> Positions:
-        """The split of CSR sequences (``offsets``, per-user time-ordered ``times``)."""
+    def targets(self, types: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """(E,) bool: which events can be targets, or None when every event can."""
+        if not self.target_types:
+            return None
+        if types is None:
+            raise ConfigError("train.target_types: the data has no event types (prepare --type-col)")
+        return np.isin(types, self.target_types)
+
+    def positions(self, offsets: np.ndarray, times: np.ndarray, types: Optional[np.ndarray] = None) -> Positions:
+        """The split of CSR sequences (``offsets``, per-user time-ordered ``times``, and the event ``types`` when
+        ``target_types`` is set)."""
         lengths = np.diff(offsets)
+        eligible = self.targets(types)
+        if eligible is not None:
+            return self._typed_positions(offsets, times, eligible)
         if self.protocol == "leave_one_out":
             ok = lengths >= 3
             return Positions(np.maximum(lengths - 2, 0), np.where(ok, lengths - 2, -1), np.where(ok, lengths - 1, -1))
@@ -129,6 +149,23 @@ class SplitSpec:
         valid_at = np.where((before_valid < before_test) & (before_valid >= 1), before_valid, -1)
         test_at = np.where((before_test < lengths) & (before_test >= 1), before_test, -1)
         return Positions(before_valid, valid_at, test_at)
+
+    def _typed_positions(self, offsets: np.ndarray, times: np.ndarray, eligible: np.ndarray) -> Positions:
+        lengths = np.diff(offsets)
+        at = np.arange(len(times), dtype=np.int64) - np.repeat(offsets[:-1], lengths)     # position in its user
+        if self.protocol == "leave_one_out":
+            test_at = _per_user(np.where(eligible, at, -1), offsets, np.maximum, -1)
+            earlier = eligible & (at < np.repeat(test_at, lengths))
+            valid_at = _per_user(np.where(earlier, at, -1), offsets, np.maximum, -1)
+            ok = valid_at >= 1                      # a valid target with some history before it
+            return Positions(np.where(ok, valid_at, lengths), np.where(ok, valid_at, -1), np.where(ok, test_at, -1))
+        before_valid = _count_per_user(times < self.valid_from, offsets)
+        late = np.iinfo(np.int64).max
+        in_valid = eligible & (times >= self.valid_from) & (times < self.test_from)
+        valid_at = _per_user(np.where(in_valid, at, late), offsets, np.minimum, late)
+        test_at = _per_user(np.where(eligible & (times >= self.test_from), at, late), offsets, np.minimum, late)
+        return Positions(before_valid, np.where((valid_at < late) & (valid_at >= 1), valid_at, -1),
+                         np.where((test_at < late) & (test_at >= 1), test_at, -1))
 
     def accounting(self, offsets: np.ndarray, times: np.ndarray) -> dict:
         """What the split makes of every kept event and user (the manifest's ``splits``)."""
@@ -160,6 +197,16 @@ class SplitSpec:
 
 
 LEAVE_ONE_OUT = SplitSpec()
+
+
+def _per_user(values: np.ndarray, offsets: np.ndarray, op: np.ufunc, empty: int) -> np.ndarray:
+    """``op`` (np.maximum, np.minimum) reduced over each user's events; ``empty`` for users without events."""
+    lengths = np.diff(offsets)
+    out = np.full(len(lengths), empty, np.int64)
+    has = lengths > 0
+    if has.any():
+        out[has] = op.reduceat(values, offsets[:-1][has])
+    return out
 
 
 def _count_per_user(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:

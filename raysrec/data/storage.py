@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from raysrec.data.attributes import COLUMN_PREFIX, token_matrix
 from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE
 from raysrec.data.split import LEAVE_ONE_OUT, Positions, SplitSpec
-from raysrec.errors import InputError
+from raysrec.errors import ConfigError, InputError
 from raysrec.files import filesystem
 from raysrec.models.inputs import Events
 
@@ -44,7 +45,11 @@ class SequenceSet:
 
     def positions(self) -> Positions:
         """Per user: where training ends and where the validation and test targets are."""
-        return self.split.positions(self.offsets, self.times)
+        return self.split.positions(self.offsets, self.times, self.types)
+
+    def target_flags(self) -> Optional[np.ndarray]:
+        """(E,) bool: the events that can be targets (``split.target_types``), or None when every event can."""
+        return self.split.targets(self.types)
 
     def __len__(self) -> int:
         return len(self.user_index)
@@ -141,13 +146,28 @@ class PreparedData:
     def shard_files(self) -> list[str]:
         return [f"{self.path}/{s['file']}" for s in self.manifest["shards"]]
 
-    def read(self, files: Optional[list[str]] = None) -> SequenceSet:
+    def target_split(self, target_types: Sequence[str] = ()) -> SplitSpec:
+        """The split, with only events of ``target_types`` (names) as targets when given (``train.target_types``)."""
+        if not target_types:
+            return self.split
+        names = self.event_types
+        if not names:
+            raise ConfigError(f"train.target_types: {self.root} has no event types (prepare --type-col)")
+        unknown = [t for t in target_types if t not in names]
+        if unknown:
+            raise ConfigError(f"train.target_types: {', '.join(map(repr, unknown))} not among the event types of "
+                              f"{self.root} ({', '.join(names)})")
+        return dataclasses.replace(self.split, target_types=tuple(sorted(names.index(t) + 1 for t in target_types)))
+
+    def read(self, files: Optional[list[str]] = None, target_types: Sequence[str] = ()) -> SequenceSet:
+        """The sequences of ``files`` (all shards by default); ``target_types``: see :meth:`target_split`."""
+        split = self.target_split(target_types)
         files = self.shard_files() if files is None else files
         table = pa.concat_tables([self._read_shard(f) for f in files]) if files else None
         if table is None:
             return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0),
-                               self.split)
-        return SequenceSet.from_table(table.sort_by("user_index"), self.split)
+                               split, np.zeros(0, np.int64) if split.target_types else None)
+        return SequenceSet.from_table(table.sort_by("user_index"), split)
 
     def _read_shard(self, file: str) -> pa.Table:
         try:

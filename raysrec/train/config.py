@@ -56,6 +56,10 @@ class TrainConfig(Config):
     grad_clip: Optional[float] = None
     epochs: int = option(200, 'maximum epochs')
     patience: int = option(10, 'stop after this many epochs without a better valid NDCG@10')
+    target_types: list[str] = option([], "predict only events of these types (e.g. buy: next-buy prediction; names "
+                                         "of the prepared data's event_types): training targets and the held-out "
+                                         "valid/test targets are of these types, the history keeps every type; "
+                                         "empty: every event is a target")
     train_windows: Literal["all", "last"] = "all"
     group_by_length: int = option(64, "training batches hold rows of similar length: rows are sorted by length "
                                       "within windows of this many shuffled batches, and the batches shuffled "
@@ -124,5 +128,6 @@ class TrainConfig(Config):
             check(not (self.use_gpu and self.num_workers > 1),
                   "train.item_grads sparse with several GPU workers: NCCL has no sparse all-reduce; use dense")
         check(self.eval_max_users is None or self.eval_max_users >= 1, "train.eval_max_users must be >= 1")
+        check(len(set(self.target_types)) == len(self.target_types), "train.target_types: a type is named twice")
         check(self.cold_items == 0.0 or self.loss in ("ce", "auto"),
               "train.cold_items (the cold-start protocol) needs loss ce, which can leave the cold items out")

@@ -147,7 +147,7 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         files = data.shard_files()
         # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
         by_file = len(files) >= session.world_size
-        seqs = data.read(files[session.rank::session.world_size] if by_file else files)
+        seqs = data.read(files[session.rank::session.world_size] if by_file else files, cfg.target_types)
         resume = session.latest_checkpoint(scratch)       # a restarted worker's, or the resumed Ray run's
         if resume is None and cfg.resume_from:
             resume = artifact.fetch(cfg.resume_from, scratch / "resume-from")[0].checkpoint

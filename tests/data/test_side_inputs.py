@@ -86,6 +86,33 @@ def test_taobao_keeps_every_behaviour_as_its_own_event(taobao_prepared):
     assert np.bincount(seqs.types, minlength=5)[1:].tolist() == [types["kept"][t] for t in data.event_types]
 
 
+def test_next_buy_trains_and_scores_on_buys_with_every_behaviour_in_the_history(taobao_prepared, tmp_path):
+    """train.target_types buy on Taobao: the valid and test targets are each user's last two buys, the history
+    before them keeps the views, carts and favourites, and the saved model is scored on those targets."""
+    from raysrec.errors import RaysrecError
+    from raysrec.models.sequential import ModelConfig
+    from raysrec.train.config import TrainConfig
+    from raysrec.train.run import fit
+
+    data = PreparedData.load(taobao_prepared)
+    buy = data.event_types.index("buy") + 1
+    seqs = data.read(target_types=["buy"])
+    pos = seqs.positions()
+    users = np.flatnonzero(pos.test_at >= 0)
+    assert 50 < len(users) < len(seqs)                  # users with two buys after some history
+    start = seqs.offsets[users]
+    assert (seqs.types[start + pos.test_at[users]] == buy).all() and (seqs.types[start + pos.valid_at[users]] == buy).all()
+    before = np.concatenate([seqs.types[s:s + at] for s, at in zip(start, pos.test_at[users])])
+    assert (before != buy).mean() > 0.5                 # the history is mostly other behaviours
+    cfg = TrainConfig(data=str(taobao_prepared), output=str(tmp_path / "model"), epochs=1, target_types=["buy"],
+                      model=ModelConfig(hidden_dim=16, num_heads=1, num_layers=1, max_length=20))
+    metrics = fit(cfg, use_ray=False)
+    assert metrics["test"]["rows"] == len(users) and metrics["valid"]["rows"] == int((pos.valid_at >= 0).sum())
+    assert TrainConfig.load(tmp_path / "model" / "train_config.yaml").target_types == ["buy"]
+    with pytest.raises(RaysrecError, match=r"'purchase' not among the event types of .* \(buy, cart, fav, pv\)"):
+        fit(cfg.replace(target_types=["purchase"], output=str(tmp_path / "wrong")), use_ray=False)
+
+
 def test_types_selects_event_types(ray_local, tmp_path):
     if not TAOBAO.is_file():
         pytest.skip(f"{TAOBAO} not found")
