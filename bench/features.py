@@ -11,8 +11,10 @@ Amazon Sports beside it.
     python bench/features.py --runs taobao/buy-ids taobao/buy-types --seeds 0 1 2
     python bench/features.py --table-only
 
-Runs: ``sports/{ids,attributes}`` (S3-Rec's Sports_and_Outdoors with its item2attributes.json, fused by sum),
-``ml-100k/{ids,genres}``, ``taobao/{ids,types}`` (the four behaviour types as input; next event of any type),
+Runs: ``sports/{ids,attributes}`` (S3-Rec's Sports_and_Outdoors with its item2attributes.json, fused by sum;
+``attributes-input``: on the input side only; ``ids-ce``: IDs only with the full softmax, not loss auto's pick),
+``ml-100k/{ids,genres,users}`` (users: age, gender, occupation), ``taobao/{ids,types}`` (the four behaviour
+types as input; next event of any type),
 ``taobao/{buy-ids,buy-types}`` (next-buy: only buys are targets, the history keeps every behaviour),
 ``rees46/{ids,types,attributes}`` (brand, category path, price bucket; a 3-hour slice, too small for claims).
 """
@@ -46,7 +48,8 @@ DATA = {
         path=str(SPORTS / "Sports_and_Outdoors.txt"), format="user-lines",
         items_path=str(SPORTS / "Sports_and_Outdoors_item2attributes.json")), item_features=["attributes:multi"]),
     "ml-100k": lambda: PrepareConfig(source=SourceConfig(path=str(SHARED / "ml-100k")),
-                                     item_features=["categories:multi"]),
+                                     item_features=["categories:multi"],
+                                     user_features=["age:numeric", "gender", "occupation"]),
     "taobao": lambda: PrepareConfig(source=SourceConfig(
         path=str(SHARED / "taobao-sample" / "UserBehavior.csv"),
         columns=["user_id", "item_id", "category_id", "behavior", "timestamp"], type_col="behavior",
@@ -60,9 +63,15 @@ VARIANTS = {"ids": {"use_types": False, "use_item_features": False},
             "types": {"use_types": True, "use_item_features": False},
             "attributes": {"use_types": False, "use_item_features": True},
             "genres": {"use_types": False, "use_item_features": True},
+            "users": {"use_types": False, "use_item_features": False, "use_user_features": True},
             # next-buy prediction (train.target_types): buys are the only targets; the history keeps every type
             "buy-ids": {"use_types": False, "use_item_features": False, "target_types": ["buy"]},
-            "buy-types": {"use_types": True, "use_item_features": False, "target_types": ["buy"]}}
+            "buy-types": {"use_types": True, "use_item_features": False, "target_types": ["buy"]},
+            # attributes on the input side only (the output side scores items by their ID rows)
+            "attributes-input": {"use_types": False, "use_item_features": True, "features_on_output": False},
+            # IDs only with the full softmax instead of what loss auto picks (issue #25's question on Sports)
+            "ids-ce": {"use_types": False, "use_item_features": False, "loss": "ce"}}
+TRAIN_OPTIONS = ("target_types", "loss")      # the variant keys that are training options, not model options
 
 
 def prepared(name: str, work: Path) -> Path:
@@ -76,9 +85,9 @@ def run(spec: str, seed: int, work: Path, epochs: int, patience: int) -> dict:
     name, variant = spec.split("/")
     data = prepared(name, work)
     options = dict(VARIANTS[variant])
-    target_types = options.pop("target_types", [])
+    train = {key: options.pop(key) for key in TRAIN_OPTIONS if key in options}
     cfg = TrainConfig(data=str(data), output=str(work / f"{name}-{variant}-{seed}"), seed=seed, epochs=epochs,
-                      patience=patience, model=ModelConfig(**options), target_types=target_types)
+                      patience=patience, model=ModelConfig(**options), **train)
     started = time.time()
     metrics = fit(cfg, use_ray=False)
     return {"run": spec, "seed": seed, "test_ndcg@10": metrics["test"]["ndcg@10"],

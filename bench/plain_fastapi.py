@@ -28,6 +28,7 @@ def build(model_dir: str, max_batch_size: int, batch_wait_timeout_s: float, torc
         RecommendResponse,
         ScoreRequest,
         ScoreResponse,
+        error_response,
         make_api,
         parse,
         recommend_response,
@@ -47,11 +48,15 @@ def build(model_dir: str, max_batch_size: int, batch_wait_timeout_s: float, torc
     @api.post("/recommend", response_model=RecommendResponse, openapi_extra=request_schema(RecommendRequest))
     async def recommend(request: Request) -> Response:
         body = await parse(request, RecommendRequest)
+        if problem := rec.user_features_problem(body.user_features):       # as the Serve app does
+            return error_response(422, problem)
         return recommend_response(await batcher(body.query()), version)
 
     @api.post("/score", response_model=ScoreResponse, openapi_extra=request_schema(ScoreRequest))
     async def score(request: Request) -> Response:
         body = await parse(request, ScoreRequest)
+        if problem := rec.user_features_problem(body.user_features):
+            return error_response(422, problem)
         return score_response(await batcher(body.query()), version)
 
     @api.get("/healthz")

@@ -72,16 +72,20 @@ def _config_from_args(cls, args: argparse.Namespace):
 SYNTH_OPTIONS = ["output:--output,-o", "num_users:--num-users,--users", "num_items:--num-items,--items",
                  "num_events:--num-events,--events", "seed", "format:--file-format"]
 PREPARE_OPTIONS = [
-    "source.path:--input,-i", "output:--output,-o", "source.format", "source.items_path:--items", "source.user_col",
-    "source.item_col", "source.time_col", "source.rating_col", "source.type_col", "types", "source.columns", "item_features", "source.sep", "source.encoding", "source.id_type",
-    "source.on_bad_row", "min_rating", "item_k_core", "user_k_core", "min_sequence_length", "max_sequence_length",
+    "source.path:--input,-i", "output:--output,-o", "source.format", "source.items_path:--items",
+    "source.users_path:--users", "source.user_col", "source.item_col", "source.time_col", "source.rating_col",
+    "source.type_col", "types", "source.columns", "item_features", "user_features", "source.sep", "source.encoding",
+    "source.id_type", "source.on_bad_row", "min_rating", "item_k_core", "user_k_core", "min_sequence_length",
+    "max_sequence_length",
     "split.protocol:--split", "split.valid_time", "split.test_time", "split.valid_quantile", "split.test_quantile",
     "event_log:--event-log", "num_shards", "overwrite"]
 TRAIN_OPTIONS = [
     "data:--data,-d", "output:--output,-o", "model.name:--model", "loss", "epochs", "patience", "batch_size", "lr",
     "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout", "model.max_length", "seed",
     "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "model.use_types",
-    "model.use_item_features", "target_types", "cold_items", "resume", "resume_from", "init_from", "init_optimizer", "init_shrink", "init_perturb", "item_grads", "eval_max_users", "storage_path", "verbose"]
+    "model.use_item_features", "model.features_on_output", "model.use_user_features", "target_types", "cold_items",
+    "resume", "resume_from", "init_from", "init_optimizer", "init_shrink", "init_perturb", "item_grads",
+    "eval_max_users", "storage_path", "verbose"]
 RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
                      "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
 EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]

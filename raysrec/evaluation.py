@@ -194,7 +194,7 @@ def without_items(seqs: SequenceSet, drop: np.ndarray) -> SequenceSet:
     counts[seqs.lengths == 0] = 0
     return SequenceSet(seqs.user_index.copy(), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                        seqs.items[keep], seqs.times[keep], seqs.split,
-                       seqs.types[keep] if seqs.types is not None else None)
+                       seqs.types[keep] if seqs.types is not None else None, seqs.user_tokens)
 
 
 # ---------------------------------------------------------------- a model over examples
@@ -252,7 +252,8 @@ class CheckpointEvaluator:
         check_same_items(artifact.item_ids(folder), data, str(model_dir))
         self.model.to(device)
         self.device = torch.device(device)
-        self.seqs = data.read(target_types=self.cfg.target_types)     # the targets the model was trained for
+        # the targets the model was trained for, and its users' attributes if it reads them
+        self.seqs = data.read(target_types=self.cfg.target_types, user_features=self.model.cfg.use_user_features)
         self.cold = held_out_items(data.num_items, self.cfg.cold_items, self.cfg.seed) if self.cfg.cold_items else None
         if self.cold is not None:
             self.seqs = without_items(self.seqs, self.cold)

@@ -12,6 +12,10 @@ Values come from the items file when it has the column, else from the event rows
 them on every event): per item the latest non-empty value (by time, then input order), and an item seen with
 more than one value counts as a conflict in ``manifest.json``. Pure functions: no Ray here; the per-split
 reader runs inside Ray Data tasks of :mod:`raysrec.data.pipeline`.
+
+User attributes (``prepare.user_features``: ML-100K's age, gender, occupation) are read from a users file and
+encoded the same way. At serving time a request's raw values are encoded against the saved vocabulary
+(:func:`encode_value`): the model keeps no user profiles, so a user forgotten by the live store is forgotten.
 """
 
 from __future__ import annotations
@@ -84,8 +88,28 @@ def encode(values: pd.Series, kind: FeatureKind) -> tuple[list[list[int]], list[
     return [[index[t] for t in item] for item in per_item], vocab
 
 
+def encode_value(value: object, kind: FeatureKind, vocab: list[str]) -> list[int]:
+    """One raw value (a request's) -> its token indices in a saved ``vocab`` (names the vocabulary lacks are left
+    out: they were never learned). A number of a ``numeric`` attribute goes to the bucket whose range holds it,
+    or the nearest one."""
+    if kind != "numeric":
+        index = {t: i + 1 for i, t in enumerate(vocab)}
+        return [index[t] for t in tokens_of(None if value is None else str(value), kind) if t in index]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return []
+    if not vocab or not np.isfinite(number):
+        return []
+    edges = [tuple(float(x) for x in label.strip("[]").split(",")) for label in vocab]   # "[lo, hi]" per bucket
+    inside = [b for b, (lo, hi) in enumerate(edges) if lo <= number <= hi]
+    nearest = inside[0] if inside else int(np.argmin([min(abs(number - lo), abs(number - hi)) for lo, hi in edges]))
+    return [nearest + 1]
+
+
 def token_matrix(column: list[Optional[list[int]]], num_items: int) -> np.ndarray:
-    """items.parquet's ``feature.<name>`` (by item index 1..N) -> (N + 1, M) int64, 0-padded (row 0: padding)."""
+    """items.parquet's ``feature.<name>`` (by item index 1..N; users.parquet's by user index + 1) -> (N + 1, M)
+    int64, 0-padded (row 0: padding, or no such user)."""
     width = max([len(t) for t in column if t is not None] + [1])
     out = np.zeros((num_items + 1, width), np.int64)
     for row, tokens in enumerate(column, start=1):
@@ -96,9 +120,11 @@ def token_matrix(column: list[Optional[list[int]]], num_items: int) -> np.ndarra
 
 # ---------------------------------------------------------------- attributes from an items file
 def read_items_attributes(data: bytes, name: str, item_col: str, columns: list[str], sep: str,
-                          encoding: str) -> pd.DataFrame:
+                          encoding: str, key: str = "item_id") -> pd.DataFrame:
     """An items file (csv/tsv, parquet, or S3-Rec's ``item2attributes.json``: ``{"item": [attr, ...]}``, its
-    lists as column ``attributes``) -> ``item_id`` (str) and the asked ``columns`` that it has (str values)."""
+    lists as column ``attributes``) -> ``key`` (str ids) and the asked ``columns`` that it has (str values).
+    A users file is read the same way (``item_col`` the user column, ``key`` ``user_id``); RecBole atomic
+    headers (``age:token``) are read without their types."""
     if name.endswith(".json"):
         try:
             mapping = json.loads(data.decode(encoding))
@@ -106,19 +132,22 @@ def read_items_attributes(data: bytes, name: str, item_col: str, columns: list[s
             raise InputError(f"not a JSON object of item -> attribute list ({exc})", path=name) from None
         if not isinstance(mapping, dict):
             raise InputError("expected a JSON object of item -> attribute list", path=name)
-        return pd.DataFrame({"item_id": [str(k) for k in mapping],
+        return pd.DataFrame({key: [str(k) for k in mapping],
                              "attributes": ["|".join(str(v) for v in (vs if isinstance(vs, list) else [vs]))
                                             for vs in mapping.values()]})
     if name.endswith(".parquet"):
         frame = pq.read_table(io.BytesIO(data)).to_pandas()
     else:
         frame = pd.read_csv(io.BytesIO(data), sep=sep, dtype=str, encoding=encoding, keep_default_na=False)
+    if len(frame.columns) and all(":" in str(c) for c in frame.columns):       # RecBole: name:type
+        frame.columns = [str(c).split(":", 1)[0] for c in frame.columns]
     if item_col not in frame.columns:
-        raise InputError(f"column '{item_col}' (the item column) not found; the columns are {list(frame.columns)}",
+        role = "item" if key == "item_id" else "user"
+        raise InputError(f"column '{item_col}' (the {role} column) not found; the columns are {list(frame.columns)}",
                          path=name)
     keep = [c for c in columns if c in frame.columns]
-    out = frame[[item_col, *keep]].astype(str).rename(columns={item_col: "item_id"})
-    return out.drop_duplicates("item_id", keep="first")
+    out = frame[[item_col, *keep]].astype(str).rename(columns={item_col: key})
+    return out.drop_duplicates(key, keep="first")
 
 
 # ---------------------------------------------------------------- attributes from the event rows

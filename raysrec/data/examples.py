@@ -73,7 +73,7 @@ class Examples:
         stop, count = self.stop[idx], self.count[idx].astype(np.int64)
         last = self.seqs.items[stop - 1].astype(np.int64)          # each row's newest target
         out = model_input(self.seqs.events(), stop - 1, count, self.seqs.times[stop - 1],
-                          None if trim else self.max_length)
+                          None if trim else self.max_length, self.seqs.users_of(self.owner[idx]))
         length = out["input_ids"].shape[1]
         out["target_ids"] = np.zeros((len(idx), length), np.int64)
         out["target_ids"][:, -1] = last

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 SEQUENCES_DIR = "sequences"
 ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"          # with prepare.user_features: each user's attribute tokens
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "prepare_config.yaml"
 
@@ -85,6 +86,9 @@ class PrepareConfig(Config):
     item_features: Optional[list[str]] = option(None, "item attributes, COLUMN[:KIND] with KIND category (default), "
                                                       "multi ('|'-separated), path (a.b.c) or numeric (quantile "
                                                       "buckets); from the items file, else the event rows")
+    user_features: Optional[list[str]] = option(None, "user attributes, COLUMN[:KIND] (kinds as item_features), "
+                                                      "from the users file (source.users_path, --users; a RecBole "
+                                                      "folder's .user file)")
     types: Optional[list[str]] = option(None, "keep only these event types (values of source.type_col, e.g. buy "
                                               "cart); the others are counted under type_not_selected")
     event_log: Optional[str] = option(None, "the live service's event log (raysrec events export), read beside the "
@@ -237,6 +241,7 @@ def check_inputs(cfg: PrepareConfig) -> ResolvedSource:
     if cfg.event_log:
         with_event_log(source, cfg.event_log)
     attribute_sources(cfg, source)
+    user_attributes(cfg, source)
     out = Location.of(cfg.output) if "://" in cfg.output else Path(cfg.output).resolve()
     if out.exists() and not cfg.overwrite:
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(out))
@@ -306,6 +311,68 @@ def attribute_sources(cfg: PrepareConfig, source: ResolvedSource) -> tuple[dict[
             raise InputError(f"prepare.item_features: column '{spec.column}' is in neither the items nor the event "
                              f"rows ({where}; the event rows have {source.fields})", path=cfg.source.path)
     return found, items
+
+
+def users_file(cfg: PrepareConfig, source: ResolvedSource) -> Optional[Location]:
+    """The users file: ``source.users_path``, else a RecBole folder's ``<name>.user`` beside its ``.inter``."""
+    if cfg.source.users_path:
+        return Location.of(cfg.source.users_path)
+    if source.format == "recbole" and source.files and source.files[0].with_suffix(".user").is_file():
+        return source.files[0].with_suffix(".user")
+    return None
+
+
+def user_attributes(cfg: PrepareConfig, source: ResolvedSource) -> tuple[Optional[Location], Optional[pd.DataFrame]]:
+    """The users file and its ``prepare.user_features`` columns (``user_id`` + str values; read on the driver: a
+    users file is a table, not a log). A missing file or column fails here, before Ray starts."""
+    if not cfg.user_features:
+        return None, None
+    specs = [attributes.FeatureSpec.parse(f) for f in cfg.user_features]
+    location = users_file(cfg, source)
+    if location is None or not location.is_file():
+        raise InputError("prepare.user_features needs a users file with those columns (--users FILE)",
+                         path=str(location) if location is not None else cfg.source.path)
+    with location.open() as handle:
+        data = handle.read()
+    sep = cfg.source.sep or ("\t" if location.suffix in (".tsv", ".user") else ",")
+    frame = attributes.read_items_attributes(data, str(location), cfg.source.user_col, [s.column for s in specs],
+                                             sep, cfg.source.encoding, key="user_id")
+    missing = [s.column for s in specs if s.column not in frame.columns]
+    if missing:
+        raise InputError(f"prepare.user_features: column(s) {missing} not in the users file (it has "
+                         f"{[c for c in frame.columns if c != 'user_id']} besides the user column)", path=str(location))
+    return location, frame
+
+
+def _user_features(cfg: PrepareConfig, source: ResolvedSource, user_vocab: pd.Index
+                   ) -> tuple[list[dict[str, Any]], Optional[dict[str, Any]]]:
+    """Each ``prepare.user_features`` column encoded for the users of the vocabulary (as item attributes), and
+    the manifest's ``users_file`` entry: its rows, and the data's users it has no row for."""
+    location, frame = user_attributes(cfg, source)
+    if frame is None:
+        return [], None
+    keys = pd.Index([str(u) for u in user_vocab.to_numpy()])
+    frame = frame.set_index("user_id")
+    out = []
+    for spec in (attributes.FeatureSpec.parse(f) for f in cfg.user_features or []):
+        series = frame[spec.column]
+        tokens, vocab = attributes.encode(series.mask(series.str.strip() == "").reindex(keys), spec.kind)
+        out.append({"name": spec.column, "kind": spec.kind, "vocabulary": vocab,
+                    "users_with_value": int(sum(1 for t in tokens if t)), "tokens": tokens})
+    matched = int(keys.isin(frame.index).sum())
+    return out, {"path": str(location), "rows": int(len(frame)), "users_with_a_row": matched,
+                 "users_without_a_row": int(len(keys) - matched)}
+
+
+def _write_users(out: Path, user_vocab: pd.Index, users_as_int: bool, features: list[dict[str, Any]]) -> None:
+    """``users.parquet``: user index (as in the shards), original id and each user attribute's tokens."""
+    ids = transforms.ids_as_ints_if_possible(user_vocab.to_numpy()) if users_as_int else user_vocab.to_numpy()
+    table = pa.table({"user_index": pa.array(np.arange(len(ids), dtype=np.int32)),
+                      "user_id": _ids_array(ids, "int" if np.asarray(ids).dtype.kind in "iu" else "str")})
+    for feature in features:
+        table = table.append_column(attributes.COLUMN_PREFIX + feature["name"],
+                                    pa.array(feature["tokens"], pa.list_(pa.int32())))
+    pq.write_table(table, out / USERS_FILE)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -430,6 +497,9 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
 
     features = _item_features(cfg, source, main_splits, item_vocab, ray)
     _write_items(tmp, source, cfg.source, item_vocab, item_count, train_count, features)
+    user_features, users_entry = _user_features(cfg, source, user_vocab)
+    if user_features:
+        _write_users(tmp, user_vocab, users_as_int, user_features)
     cfg.save(tmp / CONFIG_FILE)
     shard_files = sorted((r["file"], int(len(r["lengths"])), int(np.sum(r["lengths"]))) for r in rows if r["file"])
     return {
@@ -442,6 +512,8 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
         "event_log": {"path": redact(cfg.event_log), "files": len(sources[1].files)} if cfg.event_log else None,
         "has_timestamps": source.has_timestamp,
         "item_features": [{k: v for k, v in f.items() if k != "tokens"} for f in features],
+        "user_features": [{k: v for k, v in f.items() if k != "tokens"} for f in user_features],
+        "users_file": users_entry,
         "event_types": None if type_vocab is None else {
             "column": cfg.source.type_col, "vocabulary": [str(t) for t in type_vocab],   # index 1.., 0 = unknown
             "read": dict(sorted(types_read.items())),

@@ -82,6 +82,8 @@ class SourceConfig(Config):
     path: str = option("", 'interaction file or folder: a local path or a pyarrow URI (s3://, gs://, file://)')
     format: SourceFormat = option("auto", 'input layout; auto detects RecBole atomic files, MovieLens and SASRec text')
     items_path: Optional[str] = option(None, 'item metadata file (titles, categories)')
+    users_path: Optional[str] = option(None, "user attributes file (csv/tsv/parquet with the user column; a RecBole "
+                                             "folder's .user file is found without it)")
     user_col: str = option("user_id", 'user column (csv/parquet)')
     item_col: str = option("item_id", 'item column (csv/parquet)')
     time_col: Optional[str] = option("timestamp", 'timestamp column; none: the file order is the time order')

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysrec.data.attributes import COLUMN_PREFIX, token_matrix
-from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE
+from raysrec.data.pipeline import ITEMS_FILE, MANIFEST_FILE, USERS_FILE
 from raysrec.data.split import LEAVE_ONE_OUT, Positions, SplitSpec
 from raysrec.errors import ConfigError, InputError
 from raysrec.files import filesystem
@@ -38,6 +38,9 @@ class SequenceSet:
     times: np.ndarray        # (E,) float64
     split: SplitSpec = LEAVE_ONE_OUT
     types: Optional[np.ndarray] = None   # (E,) int8 behaviour type index (0 = unknown), when the data has types
+    # per user attribute, (num_users + 1, M) tokens by user_index + 1 (row 0: no such user), when read for a model
+    # with user attributes (PreparedData.read(user_features=True))
+    user_tokens: tuple[np.ndarray, ...] = ()
 
     @property
     def lengths(self) -> np.ndarray:
@@ -46,6 +49,11 @@ class SequenceSet:
     def positions(self) -> Positions:
         """Per user: where training ends and where the validation and test targets are."""
         return self.split.positions(self.offsets, self.times, self.types)
+
+    def users_of(self, owners: np.ndarray) -> list[np.ndarray]:
+        """Per user attribute, the (B, M) tokens of the local users ``owners`` (none without user attributes)."""
+        rows = self.user_index[owners].astype(np.int64) + 1
+        return [table[rows] for table in self.user_tokens]
 
     def target_flags(self) -> Optional[np.ndarray]:
         """(E,) bool: the events that can be targets (``split.target_types``), or None when every event can."""
@@ -134,6 +142,17 @@ class PreparedData:
             out[feature["name"]] = (list(feature["vocabulary"]), token_matrix(column, self.num_items))
         return out
 
+    def user_features(self) -> dict[str, tuple[str, list[str], np.ndarray]]:
+        """Each user attribute of ``prepare.user_features``: its kind, vocabulary and the (num_users + 1, M) tokens
+        of every user by user index + 1 (row 0: no user)."""
+        features = self.manifest.get("user_features") or []
+        if not features:
+            return {}
+        users = pq.read_table(f"{self.path}/{USERS_FILE}", filesystem=self.fs).to_pandas().sort_values("user_index")
+        num_users = int(self.manifest["num_users"])
+        return {f["name"]: (f["kind"], list(f["vocabulary"]),
+                            token_matrix(users[COLUMN_PREFIX + f["name"]].tolist(), num_users)) for f in features}
+
     @property
     def event_types(self) -> list[str]:
         """The event type names, type index 1..T (0 = unknown); empty when the data has no types."""
@@ -159,15 +178,18 @@ class PreparedData:
                               f"{self.root} ({', '.join(names)})")
         return dataclasses.replace(self.split, target_types=tuple(sorted(names.index(t) + 1 for t in target_types)))
 
-    def read(self, files: Optional[list[str]] = None, target_types: Sequence[str] = ()) -> SequenceSet:
-        """The sequences of ``files`` (all shards by default); ``target_types``: see :meth:`target_split`."""
+    def read(self, files: Optional[list[str]] = None, target_types: Sequence[str] = (),
+             user_features: bool = False) -> SequenceSet:
+        """The sequences of ``files`` (all shards by default); ``target_types``: see :meth:`target_split`;
+        ``user_features``: with every user's attribute tokens (:attr:`SequenceSet.user_tokens`)."""
         split = self.target_split(target_types)
+        users = tuple(tokens for _, _, tokens in self.user_features().values()) if user_features else ()
         files = self.shard_files() if files is None else files
         table = pa.concat_tables([self._read_shard(f) for f in files]) if files else None
         if table is None:
             return SequenceSet(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0),
-                               split, np.zeros(0, np.int64) if split.target_types else None)
-        return SequenceSet.from_table(table.sort_by("user_index"), split)
+                               split, np.zeros(0, np.int64) if split.target_types else None, users)
+        return dataclasses.replace(SequenceSet.from_table(table.sort_by("user_index"), split), user_tokens=users)
 
     def _read_shard(self, file: str) -> pa.Table:
         try:

@@ -12,7 +12,9 @@ row: column -1 is always the newest event (with the last position embedding), pa
   the newest position (in training and evaluation the target's own time, in serving the request's time), so
   the long/short model's time gap is computed the same way everywhere;
 * ``input_types`` (B, L) the behaviour type (0 = unknown), when the events carry types;
-* ``padding_mask`` (B, L) True on real events.
+* ``padding_mask`` (B, L) True on real events;
+* ``user_tokens_{i}`` (B, M_i) per row, the tokens of user attribute ``i`` (0-padded; none: no value), when the
+  model reads user attributes.
 
 Item attributes are not part of the input: the model looks them up in its own item table.
 """
@@ -59,12 +61,13 @@ def window(end: np.ndarray, count: np.ndarray, length: int) -> tuple[np.ndarray,
 
 
 def model_input(events: Events, end: np.ndarray, count: np.ndarray, now: np.ndarray,
-                length: Optional[int] = None) -> dict[str, np.ndarray]:
+                length: Optional[int] = None, users: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
     """The model input of B rows (layout in the module docstring).
 
     Row r reads the events ``[end[r] - count[r], end[r])``, and its newest position predicts an event at time
     ``now[r]`` (0 = unknown). ``length``: the padded width; by default the longest row (a trimmed batch, whose
     outputs are those of any wider padding: positions are counted from the right and padding is masked).
+    ``users``: per user attribute, the (B, M_i) tokens of each row's user.
     """
     count = np.asarray(count, np.int64)
     width = length if length is not None else max(1, int(count.max()) if len(count) else 1)
@@ -78,6 +81,25 @@ def model_input(events: Events, end: np.ndarray, count: np.ndarray, now: np.ndar
     if events.types is not None:
         out["input_types"] = np.where(shown, events.types[at], 0).astype(np.int64)
     out["padding_mask"] = shown
+    for i, tokens in enumerate(users):
+        out[f"user_tokens_{i}"] = np.asarray(tokens, np.int64)
+    return out
+
+
+def user_tokens(values: Sequence[Optional[dict]], vocab: dict[str, list[str]], kind: dict[str, str],
+                width: dict[str, int]) -> list[np.ndarray]:
+    """Raw user attributes of B requests (``{"age": 24, "gender": "M"}``, or None) -> per attribute the (B, M)
+    tokens :func:`model_input` takes, encoded against the model's saved vocabularies (an unknown value: none)."""
+    from raysrec.data.attributes import encode_value  # noqa: PLC0415
+
+    out = []
+    for name, names in vocab.items():
+        tokens = np.zeros((len(values), max(1, width.get(name, 1))), np.int64)
+        for r, given in enumerate(values):
+            if given and given.get(name) is not None:
+                found = encode_value(given[name], kind.get(name, "category"), names)[:tokens.shape[1]]  # type: ignore[arg-type]
+                tokens[r, :len(found)] = found
+        out.append(tokens)
     return out
 
 

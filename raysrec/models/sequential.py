@@ -60,8 +60,18 @@ class ModelConfig(Config):
     # layer-normed on their own, and summed into the item representation, on the input and the output side
     use_item_features: bool = option(False, "fuse the item attributes of prepare --item-features into the item "
                                             "representation (sum fusion)")
+    features_on_output: bool = option(True, "with use_item_features: the output side (the table targets are scored "
+                                            "against) carries the attributes too; off: attributes on the input "
+                                            "side only, items scored by their ID (and text) rows")
     feature_vocab: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # set from the data
     feature_width: dict[str, int] = dataclasses.field(default_factory=dict)         # most tokens of one item
+    # user attributes (prepare --user-features): embedded, mean-pooled and layer-normed per attribute like item
+    # attributes, summed into one context vector that joins every position of the user's sequence
+    use_user_features: bool = option(False, "read the user attributes of prepare --user-features: a context "
+                                            "embedding added at every position (requests send raw values)")
+    user_feature_vocab: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # set from the data
+    user_feature_kind: dict[str, str] = dataclasses.field(default_factory=dict)          # category/multi/path/numeric
+    user_feature_width: dict[str, int] = dataclasses.field(default_factory=dict)         # most tokens of one user
 
     def validate(self) -> None:
         check(self.hidden_dim > 0 and self.hidden_dim % self.num_heads == 0,
@@ -72,6 +82,8 @@ class ModelConfig(Config):
         check(1 <= self.short_window <= self.max_length, "model.short_window must be in [1, max_length]")
         check(0.0 <= self.id_dropout < 1.0, "model.id_dropout must be in [0, 1)")
         check(0.0 <= self.gap_dropout < 1.0, "model.gap_dropout must be in [0, 1)")
+        check(self.features_on_output or self.use_item_features,
+              "model.features_on_output off (attributes on the input side only) needs model.use_item_features")
         check(self.id_dropout == 0.0 or self.use_text, "model.id_dropout needs model.use_text (the text path "
               "is what represents an item whose ID embedding is dropped)")
 
@@ -96,6 +108,10 @@ class SequentialRecommender(nn.Module):
         for i, name in enumerate(cfg.feature_vocab):
             self.register_buffer(f"feature_tokens_{i}",
                                  torch.zeros(cfg.num_items + 1, max(1, cfg.feature_width.get(name, 1)), dtype=torch.long))
+        # user attributes arrive with each row of the input (``user_tokens_{i}``): the model keeps no user table
+        self.user_feature_emb = nn.ModuleList([nn.Embedding(len(v) + 1, cfg.hidden_dim, padding_idx=0)
+                                               for v in cfg.user_feature_vocab.values()])
+        self.user_feature_norm = nn.ModuleList([nn.LayerNorm(cfg.hidden_dim) for _ in cfg.user_feature_vocab])
         if cfg.use_text:
             check(cfg.text_dim > 0, "model.text_dim must be set from the item text vectors")
             # A buffer, not a parameter: frozen, but saved in the state dict, so a checkpoint carries the
@@ -115,7 +131,7 @@ class SequentialRecommender(nn.Module):
             self.item_emb.weight[0].zero_()
             if self.type_emb is not None:
                 self.type_emb.weight[0].zero_()
-            for norm in self.feature_norm:        # attributes start on the scale of an ID embedding row
+            for norm in [*self.feature_norm, *self.user_feature_norm]:   # on the scale of an ID embedding row
                 norm.weight.fill_(self.cfg.hidden_dim ** -0.5)
             if self.cfg.use_text:
                 # With text, the ID embedding is a residual learned on top of the text vector: it starts
@@ -141,10 +157,11 @@ class SequentialRecommender(nn.Module):
             self.text_vectors.copy_(vectors)
             self.text_vectors[0].zero_()
 
-    def item_rows(self, item_ids: Optional[torch.Tensor] = None, id_keep: Optional[torch.Tensor] = None
-                  ) -> torch.Tensor:
+    def item_rows(self, item_ids: Optional[torch.Tensor] = None, id_keep: Optional[torch.Tensor] = None,
+                  side: Literal["input", "output"] = "output") -> torch.Tensor:
         """(...) item indices -> (..., d) item representations (ID embedding [+ projected text] [+ attributes]); without
-        ``item_ids`` the whole table (N+1, d), which is also the output side (input and output are tied).
+        ``item_ids`` the whole table (N+1, d). Input and output side are tied; ``side`` matters only with
+        ``features_on_output`` off, where the output side leaves the attributes out.
 
         ``id_keep`` (N+1, 1): the ID-dropout mask of this training step (see :meth:`id_dropout_mask`).
         """
@@ -154,6 +171,8 @@ class SequentialRecommender(nn.Module):
             if id_keep is not None:
                 rows = rows * (id_keep if whole else id_keep[item_ids])
             rows = rows + self.text_proj(self.text_vectors if whole else self.text_vectors[item_ids])
+        if side == "output" and not self.cfg.features_on_output:
+            return rows
         for i, (emb, norm) in enumerate(zip(self.feature_emb, self.feature_norm)):
             tokens = getattr(self, f"feature_tokens_{i}")
             tokens = tokens if whole else tokens[item_ids]                                # (..., M)
@@ -179,11 +198,27 @@ class SequentialRecommender(nn.Module):
         is always the newest item."""
         input_ids = batch["input_ids"]
         length = input_ids.shape[1]
-        x = self.item_rows(input_ids, id_keep) * math.sqrt(self.cfg.hidden_dim)
+        x = self.item_rows(input_ids, id_keep, side="input") * math.sqrt(self.cfg.hidden_dim)
         x = x + self.pos_emb.weight[-length:][None]
         if self.type_emb is not None and "input_types" in batch:
             x = x + self.type_emb(batch["input_types"]) * math.sqrt(self.cfg.hidden_dim)   # on the items' scale
+        context = self.user_context(batch)
+        if context is not None:
+            x = x + context.unsqueeze(1) * math.sqrt(self.cfg.hidden_dim)
         return self.emb_drop(x) * (input_ids != 0).unsqueeze(-1)
+
+    def user_context(self, batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B, d): the sum of the rows' user attributes (each pooled over its tokens and layer-normed; an attribute
+        without a value adds nothing), or None for a model without user attributes."""
+        context = None
+        for i, (emb, norm) in enumerate(zip(self.user_feature_emb, self.user_feature_norm)):
+            tokens = batch.get(f"user_tokens_{i}")
+            if tokens is None:
+                continue
+            pooled = F.embedding_bag(tokens, emb.weight, mode="mean", padding_idx=0)          # (B, d)
+            part = norm(pooled) * (tokens > 0).any(-1, keepdim=True)
+            context = part if context is None else context + part
+        return context
 
     def score_all(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., N+1) scores against every item; index 0 (padding) is -inf."""
@@ -286,7 +321,7 @@ class LongShortInterest(SequentialRecommender):
     def _disentangle_loss(self, input_ids: torch.Tensor, h_long: torch.Tensor, h_short: torch.Tensor,
                           id_keep: Optional[torch.Tensor]) -> torch.Tensor:
         padding = (input_ids != 0).float().unsqueeze(-1)
-        e = self.item_rows(input_ids, id_keep) * padding                                  # (B, L, d)
+        e = self.item_rows(input_ids, id_keep, side="input") * padding                    # (B, L, d)
         csum = e.cumsum(1)
         count = padding.cumsum(1).clamp(min=1)
         p_long = csum / count

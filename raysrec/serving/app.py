@@ -142,6 +142,9 @@ class RecommenderServer:
     @api.post("/recommend", response_model=RecommendResponse, openapi_extra=request_schema(RecommendRequest))
     async def recommend(self, request: Request) -> Response:
         body = await parse(request, RecommendRequest)
+        problem = self.rec.user_features_problem(body.user_features)
+        if problem:
+            return error_response(422, problem)
         if body.user_id is None:
             return recommend_response(await self._answer(body.query()), self.version)
         if self.live is None:
@@ -177,6 +180,9 @@ class RecommenderServer:
     @api.post("/score", response_model=ScoreResponse, openapi_extra=request_schema(ScoreRequest))
     async def score(self, request: Request) -> Response:
         body = await parse(request, ScoreRequest)
+        problem = self.rec.user_features_problem(body.user_features)
+        if problem:
+            return error_response(422, problem)
         return score_response(await self._answer(body.query()), self.version)
 
     @api.get("/healthz")

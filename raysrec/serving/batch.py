@@ -1,7 +1,8 @@
 """``raysrec recommend``: offline top-k for every user, with Ray Data batch inference.
 
-The histories come from a prepared folder (every user's whole sequence) or from a Parquet file/folder of
-``user_id``, ``history`` (a list of original item ids, oldest first) and optionally ``timestamps`` and ``types``. A pool
+The histories come from a prepared folder (every user's whole sequence, its event types and, for a model that
+reads them, the user's attributes) or from a Parquet file/folder of ``user_id``, ``history`` (a list of original
+item ids, oldest first) and optionally ``timestamps`` and ``types``. A pool
 of actors (``num_actors``, each loading the model once, on a GPU with ``use_gpu``) answers them in batches
 with :meth:`Recommender.run`, the endpoint's own code, so a user's list is the one ``POST /recommend``
 returns for the same history, ``k``, ``exclude_seen`` and ``now``.
@@ -58,7 +59,8 @@ class _Answerer:
     """A Ray Data actor: loads the model once, answers batches of histories."""
 
     def __init__(self, model: str, k: int, exclude_seen: bool, now: Optional[float], device: str, torch_threads: int,
-                 item_ids: Optional[np.ndarray], type_names: Optional[np.ndarray] = None) -> None:
+                 item_ids: Optional[np.ndarray], type_names: Optional[np.ndarray] = None,
+                 user_tables: Optional[dict[str, np.ndarray]] = None) -> None:
         import torch  # noqa: PLC0415
 
         from raysrec.serving.recommender import Recommender  # noqa: PLC0415
@@ -68,6 +70,9 @@ class _Answerer:
         self.k, self.exclude_seen, self.now = k, exclude_seen, now
         self.item_ids = item_ids     # prepared input: item index -> original id (index 0 is padding)
         self.type_names = type_names  # prepared input: type index -> name (index 0: unknown)
+        # prepared input, a model reading user attributes: its attributes' tokens by user index + 1
+        wanted = list(self.rec.model.cfg.user_feature_vocab)
+        self.user_tables = [user_tables[name] for name in wanted] if user_tables and wanted else []
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from raysrec.serving.recommender import Query  # noqa: PLC0415
@@ -81,9 +86,14 @@ class _Answerer:
         types = batch.column("types").to_pylist() if "types" in batch.column_names else None
         if types is not None and self.type_names is not None:
             types = [self.type_names[np.asarray(t, dtype=np.int64)].tolist() for t in types]
+        users = None
+        if self.user_tables:
+            rows = batch.column("user_index").to_numpy().astype(np.int64) + 1
+            users = [[table[r][table[r] > 0].tolist() for table in self.user_tables] for r in rows]
         queries = [Query(history=h or [], k=self.k, exclude_seen=self.exclude_seen,
                          timestamps=times[i] if times and times[i] is not None else None, now=self.now,
-                         types=types[i] if types and types[i] is not None else None)
+                         types=types[i] if types and types[i] is not None else None,
+                         user_tokens=users[i] if users else None)
                    for i, h in enumerate(histories)]
         answers = self.rec.run(queries)
         return pa.table({
@@ -119,7 +129,7 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
 
     cfg.validate()
     model = artifact.locate(cfg.model)           # a wrong model path fails here, before Ray does anything
-    item_ids = type_names = None
+    item_ids = type_names = user_tables = None
     if cfg.data:
         data = PreparedData.load(cfg.data)
         with tempfile.TemporaryDirectory(prefix="raysrec-recommend-") as scratch:   # a URI model: downloaded once
@@ -129,6 +139,10 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
         fs, _ = filesystem(cfg.data)
         columns = ["user_id", "sequence"] + (["timestamps"] if data.has_timestamps else []) + (
             ["types"] if data.event_types else [])
+        users = data.user_features()        # a model that reads user attributes gets each user's
+        if users:
+            columns.append("user_index")
+            user_tables = {name: tokens for name, (_, _, tokens) in users.items()}
         item_ids = np.concatenate([[None], data.item_ids()]).astype(object)     # index 0: padding
         type_names = np.array([""] + data.event_types, dtype=object)
     else:
@@ -158,7 +172,7 @@ def recommend(cfg: RecommendConfig, num_cpus: Optional[int] = None) -> dict[str,
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
         fn_constructor_kwargs={"model": model, "k": cfg.k, "exclude_seen": cfg.exclude_seen, "now": now,
                                "device": "cuda" if cfg.use_gpu else "cpu", "torch_threads": cfg.torch_threads,
-                               "item_ids": item_ids, "type_names": type_names})
+                               "item_ids": item_ids, "type_names": type_names, "user_tables": user_tables})
     out_fs, out_root = filesystem(cfg.output)
     ds.write_parquet(join(out_root, OUTPUT_DIR), filesystem=out_fs)
     seconds = time.perf_counter() - started

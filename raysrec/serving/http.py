@@ -51,6 +51,11 @@ class HistoryRequest(BaseModel):
     types: Optional[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]]] = Field(
         None, max_length=MAX_HISTORY, description="event type of each history item (view, cart, buy, ...), for a "
                                                   "model trained with types; a type it does not know counts as none")
+    user_features: Optional[dict[Annotated[str, StringConstraints(min_length=1, max_length=64)],
+                                 Union[Annotated[str, StringConstraints(max_length=256)], StrictInt, FiniteFloat,
+                                       None]]] = Field(
+        None, max_length=64, description="the user's attributes, raw (e.g. {\"age\": 24, \"gender\": \"M\"}), for "
+                                         "a model trained with user attributes; a value it never saw counts as none")
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -78,13 +83,13 @@ class RecommendRequest(HistoryRequest):
 
     def query(self) -> Query:
         return Query(self.history, self.k, self.exclude_seen, self.exclude, self.timestamps, self.now,
-                     types=self.types)
+                     types=self.types, user_features=self.user_features)
 
     def user_query(self, items: Sequence[ItemId], timestamps: Sequence[float], now: float,
                    types: Sequence[str]) -> Query:
         """The same query on a stored history (``now``: the request's, else the server's clock)."""
         return Query(items, self.k, self.exclude_seen, self.exclude, timestamps, self.now if self.now is not None
-                     else now, types=types)
+                     else now, types=types, user_features=self.user_features)
 
 
 class ScoreRequest(HistoryRequest):
@@ -92,7 +97,7 @@ class ScoreRequest(HistoryRequest):
 
     def query(self) -> Query:
         return Query(self.history, 0, False, (), self.timestamps, self.now, candidates=self.candidates,
-                     types=self.types)
+                     types=self.types, user_features=self.user_features)
 
 
 class ScoredItem(BaseModel):

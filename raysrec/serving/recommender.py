@@ -37,7 +37,7 @@ import torch
 from raysrec import artifact
 from raysrec.config import redact
 from raysrec.errors import CheckpointError
-from raysrec.models.inputs import Events, model_input, to_tensors
+from raysrec.models.inputs import Events, model_input, to_tensors, user_tokens
 from raysrec.models.sequential import SequentialRecommender
 from raysrec.serving.ann import HnswIndex, ann_available, recall_at_k
 
@@ -60,6 +60,9 @@ class Query:
     now: Optional[float] = None
     candidates: Optional[Sequence[ItemId]] = None   # set for /score
     types: Optional[Sequence[str]] = None           # event type of each history item (view, buy, ...)
+    user_features: Optional[dict[str, Any]] = None  # the user's raw attributes ({"age": 24, "gender": "M"})
+    # the same, already encoded (per user attribute, its tokens): batch recommend over a prepared folder
+    user_tokens: Optional[Sequence[Sequence[int]]] = None
 
 
 @dataclasses.dataclass
@@ -179,12 +182,34 @@ class Recommender:
         value = self.item_ids[index - 1]
         return int(value) if self.ids_are_ints else str(value)
 
+    def user_features_problem(self, given: Optional[dict[str, Any]]) -> Optional[str]:
+        """Why a request's ``user_features`` cannot be read (an attribute this model has no table for), or None."""
+        unknown = sorted(set(given or {}) - set(self.model.cfg.user_feature_vocab))
+        if not unknown:
+            return None
+        reads = ", ".join(self.model.cfg.user_feature_vocab) or "none"
+        return f"body.user_features.{unknown[0]}: this model reads no such user attribute (it reads: {reads})"
+
+    def _user_tokens(self, queries: Sequence[Query]) -> list[np.ndarray]:
+        """Per user attribute of the model, the (B, M) tokens of the queries (none for a model without them)."""
+        cfg = self.model.cfg
+        if not cfg.user_feature_vocab:
+            return []
+        out = user_tokens([q.user_features for q in queries], cfg.user_feature_vocab, cfg.user_feature_kind,
+                          cfg.user_feature_width)
+        for r, q in enumerate(queries):
+            for table, given in zip(out, q.user_tokens or ()):
+                table[r] = 0
+                table[r, :min(len(given), table.shape[1])] = list(given)[:table.shape[1]]
+        return out
+
     def _batch(self, histories: list[list[int]], times: list[Optional[list[float]]], nows: list[float],
-               types: Optional[list[Optional[list[int]]]] = None) -> dict[str, torch.Tensor]:
+               types: Optional[list[Optional[list[int]]]] = None, users: Sequence[np.ndarray] = ()
+               ) -> dict[str, torch.Tensor]:
         """The model input for the newest position of each history: :func:`model_input`, as in training."""
         events, end = Events.from_histories(histories, times, types if self.type_index else None)
         lengths = np.array([len(h) for h in histories], np.int64)
-        return to_tensors(model_input(events, end, lengths, np.asarray(nows, np.float64)), self.device)
+        return to_tensors(model_input(events, end, lengths, np.asarray(nows, np.float64), users=users), self.device)
 
     @torch.inference_mode()
     def run(self, queries: Sequence[Query]) -> list[Answer]:
@@ -207,7 +232,7 @@ class Recommender:
         hidden = None
         if active:
             batch = self._batch([histories[r] for r in active], [times[r] for r in active], [nows[r] for r in active],
-                                [types[r] for r in active])
+                                [types[r] for r in active], self._user_tokens([queries[r] for r in active]))
             hidden = self.model(batch).user.float()                         # (B', d)
         row_of = {r: i for i, r in enumerate(active)}
         ranked = [r for r in active if queries[r].candidates is None]

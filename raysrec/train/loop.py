@@ -94,7 +94,7 @@ def set_seed(seed: int) -> None:
 
 def resolve_model_config(cfg: TrainConfig, data: PreparedData, device_type: str = "cpu"
                          ) -> tuple[TrainConfig, Optional[np.ndarray], dict[str, np.ndarray]]:
-    """Fill what the data and the device decide (item count, text vector size, event types, item attributes,
+    """Fill what the data and the device decide (item count, text vector size, event types, item and user attributes,
     whether there are real timestamps, the loss ``auto`` stands for); the text vectors and the attribute tokens
     if used.
 
@@ -119,6 +119,12 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData, device_type: str 
         model["feature_width"] = {name: int(tokens.shape[1]) for name, tokens in features.items()}
     else:
         model["feature_vocab"], model["feature_width"] = {}, {}
+    users = data.user_features() if cfg.model.use_user_features else {}
+    if cfg.model.use_user_features and not users:
+        raise ConfigError(f"model.use_user_features: {data.root} has no user attributes (prepare --user-features)")
+    model["user_feature_vocab"] = {name: vocab for name, (_, vocab, _) in users.items()}
+    model["user_feature_kind"] = {name: kind for name, (kind, _, _) in users.items()}
+    model["user_feature_width"] = {name: int(tokens.shape[1]) for name, (_, _, tokens) in users.items()}
     vectors = None
     if cfg.model.use_text:
         from raysrec.text.embed import text_vectors  # noqa: PLC0415
@@ -147,7 +153,8 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         files = data.shard_files()
         # Each worker reads its own shard files; with fewer files than workers, rows are dealt instead.
         by_file = len(files) >= session.world_size
-        seqs = data.read(files[session.rank::session.world_size] if by_file else files, cfg.target_types)
+        seqs = data.read(files[session.rank::session.world_size] if by_file else files, cfg.target_types,
+                         cfg.model.use_user_features)
         resume = session.latest_checkpoint(scratch)       # a restarted worker's, or the resumed Ray run's
         if resume is None and cfg.resume_from:
             resume = artifact.fetch(cfg.resume_from, scratch / "resume-from")[0].checkpoint

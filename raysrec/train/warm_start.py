@@ -26,7 +26,7 @@ from raysrec.errors import ConfigError
 from raysrec.models.sequential import SequentialRecommender
 
 # Parameters and buffers with a row per item (index 0: padding), matched by original id, not copied by shape; the
-# event-type table and each attribute's table likewise, by name.
+# event-type table and each item or user attribute's table likewise, by name.
 ITEM_TABLES = ("item_emb.weight",)
 
 
@@ -38,14 +38,19 @@ def _from_data(name: str) -> bool:
 def vocabulary_matches(model: SequentialRecommender, source: SequentialRecommender, old_items: np.ndarray,
                        where: str) -> dict[str, np.ndarray]:
     """Per table with a row per vocabulary entry: ``old[i - 1]``, the source row of this model's row ``i``."""
-    if list(source.cfg.feature_vocab) != list(model.cfg.feature_vocab):
-        raise ConfigError(f"{where}: train.init_from needs the same item attributes; the checkpoint has "
-                          f"{list(source.cfg.feature_vocab)}, this data {list(model.cfg.feature_vocab)}")
+    for what, ours, theirs in (("item", model.cfg.feature_vocab, source.cfg.feature_vocab),
+                               ("user", model.cfg.user_feature_vocab, source.cfg.user_feature_vocab)):
+        if list(theirs) != list(ours):
+            raise ConfigError(f"{where}: train.init_from needs the same {what} attributes; the checkpoint has "
+                              f"{list(theirs)}, this data {list(ours)}")
     out = {"item_emb.weight": old_items,
            "type_emb.weight": match_items(np.array(source.cfg.type_names), np.array(model.cfg.type_names))}
     for i, name in enumerate(model.cfg.feature_vocab):
         out[f"feature_emb.{i}.weight"] = match_items(np.array(source.cfg.feature_vocab[name]),
                                                      np.array(model.cfg.feature_vocab[name]))
+    for i, name in enumerate(model.cfg.user_feature_vocab):
+        out[f"user_feature_emb.{i}.weight"] = match_items(np.array(source.cfg.user_feature_vocab[name]),
+                                                          np.array(model.cfg.user_feature_vocab[name]))
     return out
 
 

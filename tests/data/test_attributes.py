@@ -3,6 +3,8 @@ and the fusion into the model's item representation (on and off, warm start with
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -80,6 +82,25 @@ def test_attributes_are_fused_into_both_sides_of_the_item_table(name):
         model.set_item_features({"genre": np.zeros((5, 3), np.int64)})
 
 
+def test_attributes_on_the_input_side_only():
+    """features_on_output off: items are scored by their ID rows, the sequence still reads the attributes."""
+    model = _model({"genre": ["a", "b", "c"]}, features_on_output=False)
+    model.set_item_features({"genre": np.array([[0, 0], [1, 2], [1, 0], [0, 0], [3, 0]])})
+    with torch.no_grad():
+        assert torch.equal(model.item_rows(), model.item_emb.weight)                          # output: IDs alone
+        assert torch.equal(model.score_items(torch.ones(1, 8), torch.tensor([[1]]))[0],
+                           model.item_emb.weight[1].sum(0, keepdim=True))
+        fused = model.item_rows(torch.tensor([1, 2]), side="input")
+        assert not torch.allclose(fused, model.item_emb.weight[1:3])                          # input: fused
+        batch = {"input_ids": torch.tensor([[0, 1, 4]]), "input_times": torch.tensor([[0.0, 1.0, 2.0]]),
+                 "target_times": torch.tensor([[0.0, 2.0, 3.0]])}
+        user = model(batch).user
+        model.feature_tokens_0.zero_()
+        assert not torch.allclose(model(batch).user, user)
+    with pytest.raises(ConfigError, match="features_on_output"):
+        ModelConfig(features_on_output=False).validate()
+
+
 def test_warm_start_keeps_attribute_rows_by_value_and_new_values_start_fresh():
     old = _model({"brand": ["acme", "zeta"]})
     new = _model({"brand": ["acme", "omega", "zeta"]})
@@ -113,3 +134,70 @@ def test_attributes_from_an_items_file_come_before_the_event_rows(tmp_path):
     assert attribute_sources(cfg, resolve_source(cfg.source))[0] == {"brand": "events"}
     with pytest.raises(InputError, match="column 'colour' is in neither the items nor the event rows"):
         attribute_sources(cfg.replace(item_features=["colour"]), resolve_source(cfg.source))
+
+
+def test_movielens_genres_come_from_the_recbole_items_file():
+    """ML-100K in RecBole's layout: `class:token_seq` genres (space-separated) are the `categories` attribute,
+    multi-valued, one token per genre."""
+    from raysrec.data.pipeline import PrepareConfig, attribute_sources
+    from raysrec.data.sources import SourceConfig, resolve_source
+
+    folder = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ml-100k"
+    if not (folder / "ml-100k.item").is_file():
+        pytest.skip(f"MovieLens-100K not found at {folder}")
+    cfg = PrepareConfig(source=SourceConfig(path=str(folder)), output="unused", item_features=["categories:multi"])
+    where, frame = attribute_sources(cfg, resolve_source(cfg.source))
+    assert where == {"categories": "items"} and len(frame) == 1682
+    genres = frame.set_index(frame.columns[0])["categories"]
+    assert attributes.tokens_of(genres.loc["1"], "multi") == ["Animation", "Children's", "Comedy"]   # Toy Story
+    vocab = sorted({t for value in genres for t in attributes.tokens_of(value, "multi")})
+    assert len(vocab) == 19 and "Film-Noir" in vocab                   # the 19 MovieLens genres
+
+
+def test_a_requests_raw_user_values_are_encoded_against_the_saved_vocabulary():
+    assert attributes.encode_value("M", "category", ["F", "M"]) == [2]
+    assert attributes.encode_value("X", "category", ["F", "M"]) == []                 # never seen: no token
+    assert attributes.encode_value("a|c|z", "multi", ["a", "b", "c"]) == [1, 3]
+    assert attributes.encode_value("a.b", "path", ["a", "a.b", "a.c"]) == [1, 2]
+    tokens, vocab = attributes.encode(pd.Series(["7", "20", "33", "50", "61"]), "numeric")
+    assert attributes.encode_value(20, "numeric", vocab) == tokens[1]                 # the bucket training used
+    assert attributes.encode_value(99, "numeric", vocab) == [len(vocab)]              # above every bucket: the top
+    assert attributes.encode_value("old", "numeric", vocab) == [] and attributes.encode_value(None, "category", []) == []
+
+
+def test_user_attributes_join_every_position_and_a_missing_one_adds_nothing():
+    from raysrec.models.inputs import user_tokens
+
+    vocab = {"gender": ["F", "M"], "age": ["[7, 20]", "[33, 61]"]}
+    kind = {"gender": "category", "age": "numeric"}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_items=4, hidden_dim=8, num_heads=2, num_layers=1, max_length=4,
+                                    use_user_features=True, user_feature_vocab=vocab, user_feature_kind=kind,
+                                    user_feature_width={"gender": 1, "age": 1}))
+    model.eval()
+    tokens = user_tokens([{"gender": "M", "age": 40}, {"gender": "F"}, None, {"gender": "nobody"}], vocab, kind,
+                         {"gender": 1, "age": 1})
+    assert [t.tolist() for t in tokens] == [[[2], [1], [0], [0]], [[2], [0], [0], [0]]]
+    batch = {"input_ids": torch.tensor([[0, 1, 2]] * 4), "input_times": torch.zeros(4, 3),
+             "target_times": torch.zeros(4, 3)}
+    with torch.no_grad():
+        plain = model(batch).user
+        users = model({**batch, **{f"user_tokens_{i}": torch.from_numpy(t) for i, t in enumerate(tokens)}}).user
+    assert not torch.allclose(users[0], plain[0]) and not torch.allclose(users[0], users[1])
+    torch.testing.assert_close(users[2], plain[2])          # no attributes sent: the sequence alone
+    torch.testing.assert_close(users[3], plain[3])          # a value the model never saw: nothing added
+
+
+def test_warm_start_keeps_user_attribute_rows_by_value():
+    def model(genders):
+        torch.manual_seed(len(genders))
+        return build_model(ModelConfig(num_items=4, hidden_dim=8, num_heads=2, num_layers=1, max_length=4,
+                                       use_user_features=True, user_feature_vocab={"gender": genders},
+                                       user_feature_kind={"gender": "category"}, user_feature_width={"gender": 1}))
+
+    old, new = model(["F", "M"]), model(["F", "M", "X"])
+    fresh = new.user_feature_emb[0].weight.detach().clone()
+    ids = np.arange(1, 5)
+    warm_start(new, old, ids, ids, "old-model")
+    assert torch.equal(new.user_feature_emb[0].weight[1:3], old.user_feature_emb[0].weight[1:3])
+    assert torch.equal(new.user_feature_emb[0].weight[3], fresh[3])

@@ -3,6 +3,7 @@ date-time strings as timestamps; on small files and on the shared Taobao and REE
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,62 @@ def test_amazon_sports_in_its_own_layout():
     assert table.num_rows == 296_337 and (np.asarray(table.column("drop_code")) == 0).all()
     assert len(set(table.column("user").to_pylist())) == 35_598
     assert len(set(table.column("item").to_pylist())) == 18_357
+
+
+def test_movielens_user_attributes_from_prepare_to_an_answer(ray_local, tmp_path):
+    """prepare --user-features on ML-100K (RecBole's ml-100k.user is found beside the .inter): every user's age
+    bucket, gender and occupation in users.parquet and the manifest; a model trained with them reads them, and
+    answers a request's raw values with the same encoding."""
+    from raysrec.models.sequential import ModelConfig
+    from raysrec.serving.recommender import Query, Recommender
+    from raysrec.train.config import TrainConfig
+    from raysrec.train.run import fit
+
+    folder = SHARED / "ml-100k"
+    if not (folder / "ml-100k.user").is_file():
+        pytest.skip(f"{folder} not found")
+    manifest = prepare(PrepareConfig(source=SourceConfig(path=str(folder)), output=str(tmp_path / "prepared"),
+                                     user_features=["age:numeric", "gender", "occupation"]))
+    features = {f["name"]: f for f in manifest["user_features"]}
+    assert features["gender"]["vocabulary"] == ["F", "M"] and len(features["occupation"]["vocabulary"]) == 21
+    assert len(features["age"]["vocabulary"]) == 10 and features["age"]["kind"] == "numeric"
+    assert all(f["users_with_value"] == 943 for f in features.values())
+    assert manifest["users_file"]["users_with_a_row"] == 943 and manifest["users_file"]["users_without_a_row"] == 0
+    data = PreparedData.load(tmp_path / "prepared")
+    users = pd.read_parquet(tmp_path / "prepared" / "users.parquet").set_index("user_id")
+    assert users.loc[2, "feature.gender"].tolist() == [1]                          # user 2: 53, F, other
+    kind, vocab, tokens = data.user_features()["occupation"]
+    assert vocab[tokens[users.loc[2, "user_index"] + 1][0] - 1] == "other"
+
+    cfg = TrainConfig(data=str(tmp_path / "prepared"), output=str(tmp_path / "model"), epochs=2,
+                      model=ModelConfig(hidden_dim=16, num_heads=1, num_layers=1, max_length=20, use_user_features=True))
+    metrics = fit(cfg, use_ray=False)
+    assert metrics["test"]["rows"] == 943
+    rec = Recommender.load(tmp_path / "model")
+    assert list(rec.model.cfg.user_feature_vocab) == ["age", "gender", "occupation"]
+    history = [1, 50, 100]
+    profile = {"age": 53, "gender": "F", "occupation": "other"}
+    scored = [rec.run([Query(history=history, k=5, user_features=u)])[0].items for u in (profile, None)]
+    assert scored[0] != scored[1]
+    # the same profile as tokens (what batch recommend reads from users.parquet) gives the same answer
+    row = users.loc[2, "user_index"] + 1
+    as_tokens = [t[row][t[row] > 0].tolist() for _, _, t in data.user_features().values()]
+    assert rec.run([Query(history=history, k=5, user_tokens=as_tokens)])[0].items == scored[0]
+    # batch recommend over the prepared folder passes each user's attributes: user 2's list is its profile's
+    from raysrec.serving.batch import OUTPUT_DIR, RecommendConfig, recommend
+    recommend(RecommendConfig(model=str(tmp_path / "model"), data=str(tmp_path / "prepared"), k=5, now=9e8,
+                              output=str(tmp_path / "recs"), num_actors=1, cpus_per_actor=0.5))
+    recs = pd.read_parquet(tmp_path / "recs" / OUTPUT_DIR).set_index("user_id")
+    shard = pd.concat(pd.read_parquet(f) for f in (tmp_path / "prepared" / "sequences").glob("*.parquet"))
+    sequence = shard.set_index("user_id").loc[2]
+    ids = data.item_ids()
+    query = Query(history=[ids[i - 1] for i in sequence["sequence"]], timestamps=list(sequence["timestamps"]),
+                  now=9e8, k=5)
+    expected = rec.run([dataclasses.replace(query, user_features=profile)])[0].items
+    assert list(recs.loc[2, "item_ids"]) == [i["item_id"] for i in expected]
+    assert list(recs.loc[2, "scores"]) == pytest.approx([i["score"] for i in expected], rel=1e-5)
+    assert rec.run([query])[0].items != expected                     # without the profile: other scores
+    assert "reads no such user attribute" in rec.user_features_problem({"zip_code": "94043"})
+    with pytest.raises(InputError, match=r"column\(s\) \['income'\] not in the users file"):
+        prepare(PrepareConfig(source=SourceConfig(path=str(folder)), output=str(tmp_path / "wrong"),
+                              user_features=["income:numeric"]))

@@ -65,6 +65,46 @@ def recommend(url, body):
     return r.json()
 
 
+# Before the endpoint's tests: the endpoint holds a CPU until the module ends, and the batch job's read tasks need one.
+def test_batch_recommend_reads_each_users_types(typed_model, tmp_path):
+    """`raysrec recommend --data` passes each user's stored types (and a histories file its `types` column): the
+    answers are the typed Recommender's, not the untyped ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysrec.data.storage import PreparedData
+    from raysrec.serving.batch import OUTPUT_DIR, RecommendConfig, recommend
+    from raysrec.serving.recommender import Query, Recommender
+
+    prepared = typed_model.parent / "prepared"
+    recommend(RecommendConfig(model=str(typed_model), data=str(prepared), output=str(tmp_path / "recs"), k=5,
+                              exclude_seen=False, now=1.7e9, num_actors=1, cpus_per_actor=0.5))
+    recs = pq.read_table(tmp_path / "recs" / OUTPUT_DIR).to_pandas().set_index("user_id")
+    data = PreparedData.load(prepared)
+    shards = pq.read_table(prepared / "sequences").to_pandas().sample(30, random_state=0)
+    ids, names = data.item_ids(), data.event_types
+    rec = Recommender.load(typed_model)
+
+    def answer(row, typed: bool) -> list:
+        query = Query(history=[ids[i - 1] for i in row["sequence"]], timestamps=list(row["timestamps"]), now=1.7e9,
+                      types=[names[t - 1] for t in row["types"]] if typed else None, k=5, exclude_seen=False)
+        return [item["item_id"] for item in rec.run([query])[0].items]
+
+    typed = {row["user_id"]: answer(row, True) for _, row in shards.iterrows()}
+    assert all(list(recs.loc[user, "item_ids"]) == items for user, items in typed.items())
+    assert any(answer(row, False) != typed[row["user_id"]] for _, row in shards.iterrows())
+    # a histories file with a types column (names), as an export from another system would have it
+    first = shards.iloc[0]
+    pq.write_table(pa.table({"user_id": ["x"], "history": [[int(ids[i - 1]) for i in first["sequence"]]],
+                             "timestamps": [list(first["timestamps"])],
+                             "types": [[names[t - 1] for t in first["types"]]]}), tmp_path / "histories.parquet")
+    recommend(RecommendConfig(model=str(typed_model), histories=str(tmp_path / "histories.parquet"),
+                              output=str(tmp_path / "file-recs"), k=5, exclude_seen=False, now=1.7e9,
+                              num_actors=1, cpus_per_actor=0.5))
+    from_file = pq.read_table(tmp_path / "file-recs" / OUTPUT_DIR).to_pandas()
+    assert list(from_file["item_ids"][0]) == typed[first["user_id"]]
+
+
 def test_the_model_reads_types_from_the_request_and_from_the_store(typed_model, typed_endpoint):
     info = requests.get(f"{typed_endpoint}/model", timeout=30).json()
     assert info["config"]["model"]["type_names"] == ["buy", "view"]
@@ -96,6 +136,12 @@ def test_the_model_reads_types_from_the_request_and_from_the_store(typed_model, 
 def test_types_must_match_the_history(typed_endpoint):
     r = requests.post(f"{typed_endpoint}/recommend", json={"history": [3, 4], "types": ["view"]}, timeout=60)
     assert r.status_code == 422 and "types has 1 entries but history has 2" in r.text
+    # user attributes the model was not trained with are refused, not ignored
+    r = requests.post(f"{typed_endpoint}/recommend", json={"history": [3], "user_features": {"age": 30}}, timeout=60)
+    assert r.status_code == 422 and "body.user_features.age: this model reads no such user attribute" in r.text
+    r = requests.post(f"{typed_endpoint}/score", json={"history": [3], "candidates": [4], "user_features": {"a": [1]}},
+                      timeout=60)
+    assert r.status_code == 422 and "user_features" in r.text
 
 
 def test_events_ingest_replays_each_rows_type(typed_model, typed_endpoint):
@@ -123,3 +169,4 @@ def test_served_item_table_is_the_attribute_fused_one(typed_model):
     assert torch.equal(rec.item_vectors, fused.float())
     assert not torch.allclose(fused[1:], rec.model.item_emb.weight[1:])            # the attribute part is there
     assert rec.model.feature_tokens_0[1:].gt(0).all()                              # every item has its shelf
+
