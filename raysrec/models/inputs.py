@@ -97,8 +97,8 @@ def user_tokens(values: Sequence[Optional[dict]], vocab: dict[str, list[str]], k
         tokens = np.zeros((len(values), max(1, width.get(name, 1))), np.int64)
         for r, given in enumerate(values):
             if given and given.get(name) is not None:
-                found = encode_value(given[name], kind.get(name, "category"), names)[:tokens.shape[1]]  # type: ignore[arg-type]
-                tokens[r, :len(found)] = found
+                found = encode_value(given[name], kind.get(name, "category"), names)  # type: ignore[arg-type]
+                tokens[r, :min(len(found), tokens.shape[1])] = found[:tokens.shape[1]]
         out.append(tokens)
     return out
 
