@@ -12,7 +12,8 @@ Amazon Sports beside it.
     python bench/features.py --table-only
 
 Runs: ``sports/{ids,attributes}`` (S3-Rec's Sports_and_Outdoors with its item2attributes.json, fused by sum;
-``attributes-input``: on the input side only; ``ids-ce``: IDs only with the full softmax, not loss auto's pick),
+``attributes-input``: on the input side only; ``ids-ce``/``attributes-ce``: with the full softmax, whatever
+loss auto picks),
 ``ml-100k/{ids,genres,users}`` (users: age, gender, occupation), ``taobao/{ids,types}`` (the four behaviour
 types as input; next event of any type),
 ``taobao/{buy-ids,buy-types}`` (next-buy: only buys are targets, the history keeps every behaviour),
@@ -70,7 +71,8 @@ VARIANTS = {"ids": {"use_types": False, "use_item_features": False},
             # attributes on the input side only (the output side scores items by their ID rows)
             "attributes-input": {"use_types": False, "use_item_features": True, "features_on_output": False},
             # IDs only with the full softmax instead of what loss auto picks (issue #25's question on Sports)
-            "ids-ce": {"use_types": False, "use_item_features": False, "loss": "ce"}}
+            "ids-ce": {"use_types": False, "use_item_features": False, "loss": "ce"},
+            "attributes-ce": {"use_types": False, "use_item_features": True, "loss": "ce"}}
 TRAIN_OPTIONS = ("target_types", "loss")      # the variant keys that are training options, not model options
 
 
