@@ -119,8 +119,8 @@ def token_matrix(column: list[Optional[list[int]]], num_items: int) -> np.ndarra
 
 
 # ---------------------------------------------------------------- attributes from an items file
-def read_items_attributes(data: bytes, name: str, item_col: str, columns: list[str], sep: str,
-                          encoding: str, key: str = "item_id") -> pd.DataFrame:
+def read_attribute_table(data: bytes, name: str, item_col: str, columns: list[str], sep: str,
+                         encoding: str, key: str = "item_id") -> pd.DataFrame:
     """An items file (csv/tsv, parquet, or S3-Rec's ``item2attributes.json``: ``{"item": [attr, ...]}``, its
     lists as column ``attributes``) -> ``key`` (str ids) and the asked ``columns`` that it has (str values).
     A users file is read the same way (``item_col`` the user column, ``key`` ``user_id``); RecBole atomic

@@ -287,8 +287,8 @@ def _items_file_attributes(cfg: PrepareConfig, source: ResolvedSource) -> Option
         data = handle.read()      # item files are small; read on the driver
     specs = [attributes.FeatureSpec.parse(f) for f in cfg.item_features]
     sep = cfg.source.sep or ("\t" if source.items_path.suffix in (".tsv", ".item") else ",")
-    return attributes.read_items_attributes(data, str(source.items_path), cfg.source.item_col,
-                                            [s.column for s in specs], sep, cfg.source.encoding)
+    return attributes.read_attribute_table(data, str(source.items_path), cfg.source.item_col,
+                                           [s.column for s in specs], sep, cfg.source.encoding)
 
 
 def attribute_sources(cfg: PrepareConfig, source: ResolvedSource) -> tuple[dict[str, str], Optional[pd.DataFrame]]:
@@ -335,8 +335,8 @@ def user_attributes(cfg: PrepareConfig, source: ResolvedSource) -> tuple[Optiona
     with location.open() as handle:
         data = handle.read()
     sep = cfg.source.sep or ("\t" if location.suffix in (".tsv", ".user") else ",")
-    frame = attributes.read_items_attributes(data, str(location), cfg.source.user_col, [s.column for s in specs],
-                                             sep, cfg.source.encoding, key="user_id")
+    frame = attributes.read_attribute_table(data, str(location), cfg.source.user_col, [s.column for s in specs],
+                                            sep, cfg.source.encoding, key="user_id")
     missing = [s.column for s in specs if s.column not in frame.columns]
     if missing:
         raise InputError(f"prepare.user_features: column(s) {missing} not in the users file (it has "

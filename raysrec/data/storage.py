@@ -41,6 +41,7 @@ class SequenceSet:
     # per user attribute, (num_users + 1, M) tokens by user_index + 1 (row 0: no such user), when read for a model
     # with user attributes (PreparedData.read(user_features=True))
     user_tokens: tuple[np.ndarray, ...] = ()
+    _target_flags: Optional[np.ndarray] = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -56,8 +57,11 @@ class SequenceSet:
         return [table[rows] for table in self.user_tokens]
 
     def target_flags(self) -> Optional[np.ndarray]:
-        """(E,) bool: the events that can be targets (``split.target_types``), or None when every event can."""
-        return self.split.targets(self.types)
+        """(E,) bool: the events that can be targets (``split.target_types``), or None when every event can.
+        Computed once per set: every training batch reads it."""
+        if self._target_flags is None and self.split.target_types:
+            self._target_flags = self.split.targets(self.types)
+        return self._target_flags
 
     def __len__(self) -> int:
         return len(self.user_index)
@@ -105,6 +109,7 @@ class PreparedData:
     items: pd.DataFrame
     fs: pafs.FileSystem = dataclasses.field(default_factory=pafs.LocalFileSystem, repr=False)
     path: str = ""
+    _users: Optional[dict] = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
@@ -148,10 +153,13 @@ class PreparedData:
         features = self.manifest.get("user_features") or []
         if not features:
             return {}
-        users = pq.read_table(f"{self.path}/{USERS_FILE}", filesystem=self.fs).to_pandas().sort_values("user_index")
-        num_users = int(self.manifest["num_users"])
-        return {f["name"]: (f["kind"], list(f["vocabulary"]),
-                            token_matrix(users[COLUMN_PREFIX + f["name"]].tolist(), num_users)) for f in features}
+        if self._users is None:     # read once: the model config and the sequences both need it
+            users = pq.read_table(f"{self.path}/{USERS_FILE}", filesystem=self.fs).to_pandas().sort_values("user_index")
+            num_users = int(self.manifest["num_users"])
+            self._users = {f["name"]: (f["kind"], list(f["vocabulary"]),
+                                       token_matrix(users[COLUMN_PREFIX + f["name"]].tolist(), num_users))
+                           for f in features}
+        return self._users
 
     @property
     def event_types(self) -> list[str]:

@@ -121,7 +121,7 @@ def test_attributes_from_an_items_file_come_before_the_event_rows(tmp_path):
     from raysrec.data.pipeline import PrepareConfig, attribute_sources
     from raysrec.data.sources import SourceConfig, resolve_source
 
-    json_items = attributes.read_items_attributes(b'{"1": [4, 7], "2": [4]}', "x.json", "item_id", [], " ", "utf-8")
+    json_items = attributes.read_attribute_table(b'{"1": [4, 7], "2": [4]}', "x.json", "item_id", [], " ", "utf-8")
     assert json_items.to_dict("list") == {"item_id": ["1", "2"], "attributes": ["4|7", "4"]}
     log, items = tmp_path / "log.csv", tmp_path / "items.csv"
     log.write_text("user_id,item_id,timestamp,brand\n1,10,1,acme\n1,11,2,zeta\n")
@@ -201,3 +201,21 @@ def test_warm_start_keeps_user_attribute_rows_by_value():
     warm_start(new, old, ids, ids, "old-model")
     assert torch.equal(new.user_feature_emb[0].weight[1:3], old.user_feature_emb[0].weight[1:3])
     assert torch.equal(new.user_feature_emb[0].weight[3], fresh[3])
+
+
+def test_a_users_file_named_with_users_path_is_read_and_a_missing_one_refused(tmp_path):
+    """source.users_path (--users): a csv of users read on the driver for prepare.user_features; without a users
+    file the run is refused before Ray starts."""
+    from raysrec.data.pipeline import PrepareConfig, user_attributes
+    from raysrec.data.sources import SourceConfig, resolve_source
+
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\nu1,10,1\nu2,11,2\n")
+    (tmp_path / "people.csv").write_text("user_id,age,tier\nu1,31,gold\nu2,,silver\n")
+    cfg = PrepareConfig(source=SourceConfig(path=str(tmp_path / "log.csv"), users_path=str(tmp_path / "people.csv")),
+                        output=str(tmp_path / "out"), user_features=["age:numeric", "tier"])
+    where, frame = user_attributes(cfg, resolve_source(cfg.source))
+    assert str(where).endswith("people.csv") and frame.to_dict("list") == {
+        "user_id": ["u1", "u2"], "age": ["31", ""], "tier": ["gold", "silver"]}
+    bare = cfg.replace(source=cfg.source.replace(users_path=None))
+    with pytest.raises(InputError, match="prepare.user_features needs a users file"):
+        user_attributes(bare, resolve_source(bare.source))
