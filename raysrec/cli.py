@@ -266,7 +266,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from raysrec.data.storage import PreparedData  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
     from raysrec.tuning.config import SearchConfig  # noqa: PLC0415
-    from raysrec.tuning.search import run_search  # noqa: PLC0415
+    from raysrec.tuning.search import check_output, run_search  # noqa: PLC0415
     from raysrec.tuning.space import load_space, space_path  # noqa: PLC0415
 
     output = vars(args).get("cfg:output")
@@ -275,6 +275,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = _config_from_args(SearchConfig, args)
     load_space(space_path(cfg.space))  # a bad space fails here, before Ray starts
     PreparedData.load(cfg.data).target_split(cfg.train.target_types)   # so do a wrong --data and --target-types
+    check_output(cfg, resume=args.resume)                               # and an output that holds a search
     ensure_ray(num_cpus=args.num_cpus)
     summary = run_search(cfg, resume=args.resume)
     search = summary["search"]

@@ -50,6 +50,7 @@ from raysrec.data.sources import (
     DropReason,
     ResolvedSource,
     SourceConfig,
+    check_head,
     file_ord,
     plan_splits,
     read_item_metadata,
@@ -235,6 +236,7 @@ def check_inputs(cfg: PrepareConfig) -> ResolvedSource:
     """What can be checked without Ray (the input's files, format, header and columns; an existing output):
     the CLI calls this before Ray starts, so a wrong path fails in a second."""
     source = resolve_source(cfg.source)
+    check_head(source)
     if cfg.split.protocol == "global_time" and not source.has_timestamp:
         raise InputError("prepare.split.protocol global_time needs a timestamp column, and this source has none "
                          "(set source.time_col)", path=cfg.source.path)

@@ -401,6 +401,21 @@ def plan_splits(source: ResolvedSource, target_bytes: int = 32 << 20) -> list[Sp
     return splits
 
 
+HEAD_CHECK_BYTES = 1 << 20
+
+
+def check_head(source: ResolvedSource, nbytes: int = HEAD_CHECK_BYTES) -> None:
+    """Parse the first ``nbytes`` of the first file as a Ray Data worker will: with ``on_bad_row: error`` a bad
+    line near the top (a wrong format, separator or column) raises its one-line :class:`InputError` here, before
+    Ray starts, instead of from a worker once the cluster is up. Later lines are still checked by the workers."""
+    if source.format == "parquet" or source.on_bad_row != "error" or not source.files:
+        return
+    first = source.files[0]
+    size = first.size()
+    if size:            # an empty file is refused with the other files' splits (plan_splits)
+        read_split(source, Split(0, str(first), 0, min(size, nbytes)))
+
+
 def _read_range(path: Location, start: int, end: int) -> tuple[bytes, int]:
     """Bytes of the lines whose first byte lies in [start, end), and the offset of the first."""
     with path.open() as handle:

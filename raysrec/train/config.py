@@ -67,7 +67,9 @@ class TrainConfig(Config):
     eval_batch_size: int = 256
     eval_max_users: Optional[int] = option(None, "valid and test metrics (early stopping, metrics.json) on a fixed, "
                                                  "seeded sample of this many users (all when unset): full ranking of "
-                                                 "a million users over a million items is hours on CPU")
+                                                 "a million users over a million items is hours on CPU. With several "
+                                                 "workers, each validates the epochs on its share of the users it "
+                                                 "reads, so metrics.json's sample differs from the epochs'")
     eval_chunk_items: int = option(65536, "evaluation scores the catalogue this many items at a time: it never "
                                           "holds more than eval_batch_size x this many scores")
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])

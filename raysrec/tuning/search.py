@@ -71,6 +71,22 @@ def _defaults_in_space(params: list[Param], base: TrainConfig) -> Optional[dict[
     return point
 
 
+def _storage(cfg: SearchConfig) -> tuple[str, Any, str]:
+    """The run storage (``storage_path``, else ``OUTPUT/ray_results``), its filesystem and its path there; Tune
+    keeps the search's experiment in ``<path>/search``."""
+    storage = cfg.storage_path or str(Path(cfg.output).resolve() / "ray_results")
+    storage_fs, storage_root = filesystem(storage)
+    return storage, storage_fs, storage_root
+
+
+def check_output(cfg: SearchConfig, resume: bool) -> None:
+    """A new search into an output that holds one is refused (the CLI calls this before Ray starts)."""
+    storage, storage_fs, storage_root = _storage(cfg)
+    if not resume and storage_fs.get_file_info(f"{storage_root}/{EXPERIMENT}").type != pafs.FileType.NotFound:
+        raise ConfigError(f"{redact(join(storage, EXPERIMENT))} already holds a search: pass --resume to continue "
+                          "it, or choose another --output")
+
+
 def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the search, then export trials.csv, best/ and report.png."""
     import ray  # noqa: PLC0415
@@ -78,6 +94,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler  # noqa: PLC0415
     from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
 
+    check_output(cfg, resume)
     out = Path(cfg.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     space_file = space_path(cfg.space)
@@ -86,14 +103,13 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
     cfg.save(out / "tune_config.yaml")
     data = cfg.data if "://" in cfg.data else str(Path(cfg.data).resolve())   # workers do not share our cwd
     base = cfg.train.replace(data=data, output="", epochs=cfg.epochs)
-    storage = cfg.storage_path or str(out / "ray_results")
-    storage_fs, storage_root = filesystem(storage)
+    storage, storage_fs, storage_root = _storage(cfg)
+    experiment = f"{storage_root}/{EXPERIMENT}"
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=base.to_dict(), storage=join(storage, "train_runs")),
         # The trial only waits on its TorchTrainer; a token of memory (no CPU) gives Tune a non-empty bundle
         # while the Train workers hold the real CPUs/GPUs.
         {"CPU": 0, "memory": 64 * 1024 * 1024})
-    experiment = f"{storage_root}/{EXPERIMENT}"
     shown = redact(join(storage, EXPERIMENT))
     started = time.time()
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
@@ -102,9 +118,6 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
     else:
         if resume:
             print(f"nothing to resume at {shown}; starting a new search")
-        elif storage_fs.get_file_info(experiment).type != pafs.FileType.NotFound:
-            raise ConfigError(f"{shown} already holds a search: pass --resume to continue it, "
-                              "or choose another --output")
         per_trial = base.num_workers * (base.cpus_per_worker if not base.use_gpu else 0)
         cpus = ray.cluster_resources().get("CPU", 1)
         gpus = ray.cluster_resources().get("GPU", 0)

@@ -157,3 +157,23 @@ def test_millisecond_and_finer_timestamps_are_read_as_seconds(tmp_path):
     stamps = read_split(source, split).column("timestamp").to_pylist()
     assert stamps == [second, second + 0.5, second, second]
     assert np.isnan(epoch_seconds(np.array([np.nan]))[0])
+
+
+def test_a_bad_line_near_the_top_is_refused_before_ray_starts(tmp_path):
+    """check_inputs (what the CLI runs before Ray) parses the head of the first file: a wrong format fails at
+    once, in one line; a bad line past the head is left to the Ray Data workers, as is skip mode."""
+    from raysrec.data.pipeline import PrepareConfig, check_inputs
+    from raysrec.data.sources import check_head
+
+    path = tmp_path / "u.data"
+    path.write_text("1\t2\t3\t4\n1\t2\t3\tnoon\n")
+    with pytest.raises(InputError, match=r"u.data, line 2, field 'timestamp': expected a number"):
+        check_inputs(PrepareConfig(source=SourceConfig(path=str(path), format="ml-100k"), output=str(tmp_path / "o")))
+    skip = resolve_source(SourceConfig(path=str(path), format="ml-100k", on_bad_row="skip"))
+    check_head(skip)                                                         # skip mode counts it later
+    late = tmp_path / "late.data"
+    late.write_text("1\t2\t3\t4\n" * 3000 + "1\t2\t3\tnoon\n")                # the bad line starts at byte 24,000
+    source = resolve_source(SourceConfig(path=str(late), format="ml-100k"))
+    check_head(source, nbytes=10_000)
+    with pytest.raises(InputError, match="line 3001"):
+        check_head(source, nbytes=30_000)

@@ -128,7 +128,7 @@ class Cluster:
                 except ProcessLookupError:
                     break
                 try:
-                    proc.wait(timeout=20)
+                    proc.wait(timeout=5)     # nothing to save: a node slow to stop is killed
                     break
                 except subprocess.TimeoutExpired:
                     continue

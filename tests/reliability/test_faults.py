@@ -3,7 +3,8 @@
 * a Ray Train worker process killed mid-epoch: ``FailureConfig`` restarts the worker group, which
   resumes from the last reported checkpoint and ends where the uninterrupted run ends;
 * the ``raysrec tune`` driver (its whole process group, local Ray included) killed mid-search:
-  ``raysrec tune --resume`` finishes the search, keeping every finished trial, counting none twice;
+  ``raysrec tune --resume`` finishes the search, keeping every finished trial, counting none twice, and
+  exports the best trial (``trials.csv``, ``best/``, ``report.png``);
 * a Serve replica process killed under steady load (``bench/soak.py`` in its short mode): the
   deployment recovers and at most 1 % of requests fail.
 """
@@ -100,7 +101,8 @@ def _finished_trials(experiment: Path, epochs: int) -> dict[str, float]:
 
 def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_path, ray_tmp):
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"model.dropout": {"uniform": [0.1, 0.4]}, "lr": {"loguniform": [5e-4, 3e-3]}}))
+    space.write_text(yaml.safe_dump({"model.dropout": {"uniform": [0.0, 0.5]}, "lr": {"loguniform": [1e-3, 1e-2]},
+                                     "model.num_layers": {"choice": [1, 2]}}))
     samples, epochs = 2, 2   # killed after the first trial; the resume runs the second
     config = tmp_path / "search.yaml"
     config.write_text(yaml.safe_dump({
@@ -140,6 +142,21 @@ def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_
     kept = trials.set_index("trial_id")["valid_ndcg@10"]
     for trial_id, value in before.items():                               # finished before the kill: kept as is
         assert kept[trial_id] == pytest.approx(value, abs=1e-12)
+    # the finished search's export: best/ is the best trial's checkpoint, re-scored to that trial's valid metric
+    assert {"param.model.dropout", "param.lr", "param.model.num_layers", "valid_ndcg@10"} <= set(trials.columns)
+    best = trials.loc[trials["valid_ndcg@10"].idxmax()]
+    saved = json.loads((tmp_path / "search" / "best" / "metrics.json").read_text())
+    assert saved["search"]["trial_id"] == best["trial_id"] and saved["source"] == "tune"
+    assert saved["search"]["num_trials"] == samples
+    assert saved["valid"]["ndcg@10"] == pytest.approx(best["valid_ndcg@10"], abs=1e-6)
+    cfg = TrainConfig.load(tmp_path / "search" / "best" / "train_config.yaml")
+    assert cfg.model.num_layers == best["param.model.num_layers"] and cfg.lr == pytest.approx(best["param.lr"])
+    assert (tmp_path / "search" / "report.png").stat().st_size > 10_000
+    # the first trial is the base config (its dropout, lr and layers lie in the space): a reference point
+    base = TrainConfig()
+    assert ((trials["param.model.dropout"] - base.model.dropout).abs() < 1e-9).any()
+    from raysrec.serving.recommender import Recommender
+    assert Recommender.load(tmp_path / "search" / "best").num_items == 200
     # the same output again without --resume is refused in one line, and the finished search is left as it was
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr.strip().splitlines()[-1], again.stderr[-2000:]
@@ -171,7 +188,9 @@ def _serve_then_sigterm(folder: Path, ray_tmp: str, ingress: str) -> tuple[list,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    # Behind HAProxy, Serve keeps a stopping replica up for at least 30 s (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S)
+    # so that outside load balancers see it go; here HAProxy is stopped with it, and 1 s keeps the test short.
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     env.pop("RAY_ADDRESS", None)
     # a 2 s batching window: the requests below are still in the replica when SIGTERM comes
     proc = subprocess.Popen([sys.executable, "-m", "raysrec.cli", "serve", "--model", str(model), "--port", str(port),
