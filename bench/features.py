@@ -13,7 +13,7 @@ Amazon Sports beside it.
 
 Runs: ``sports/{ids,attributes}`` (S3-Rec's Sports_and_Outdoors with its item2attributes.json, fused by sum;
 ``attributes-input``: on the input side only; ``ids-ce``/``attributes-ce``: with the full softmax, whatever
-loss auto picks),
+loss auto picks; ``ids-{sampled,sampled4096,inbatch,gbce}``: IDs only with the other losses, issue #25's table),
 ``ml-100k/{ids,genres,users}`` (users: age, gender, occupation), ``taobao/{ids,types}`` (the four behaviour
 types as input; next event of any type),
 ``taobao/{buy-ids,buy-types}`` (next-buy: only buys are targets, the history keeps every behaviour),
@@ -72,8 +72,16 @@ VARIANTS = {"ids": {"use_types": False, "use_item_features": False},
             "attributes-input": {"use_types": False, "use_item_features": True, "features_on_output": False},
             # IDs only with the full softmax instead of what loss auto picks (issue #25's question on Sports)
             "ids-ce": {"use_types": False, "use_item_features": False, "loss": "ce"},
-            "attributes-ce": {"use_types": False, "use_item_features": True, "loss": "ce"}}
-TRAIN_OPTIONS = ("target_types", "loss")      # the variant keys that are training options, not model options
+            "attributes-ce": {"use_types": False, "use_item_features": True, "loss": "ce"},
+            # issue #25's loss table: IDs only, each loss at the default lr; sampled is 256 shared negatives
+            "ids-sampled": {"use_types": False, "use_item_features": False, "loss": "sampled"},
+            "ids-sampled4096": {"use_types": False, "use_item_features": False, "loss": "sampled",
+                                "num_negatives": 4096},
+            "ids-inbatch": {"use_types": False, "use_item_features": False, "loss": "sampled",
+                            "in_batch_negatives": True},
+            "ids-gbce": {"use_types": False, "use_item_features": False, "loss": "gbce"}}
+# the variant keys that are training options, not model options
+TRAIN_OPTIONS = ("target_types", "loss", "num_negatives", "in_batch_negatives")
 
 
 def prepared(name: str, work: Path) -> Path:

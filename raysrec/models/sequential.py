@@ -58,8 +58,9 @@ class ModelConfig(Config):
     type_names: list[str] = dataclasses.field(default_factory=list)   # set from the data: type index 1..T
     # item attributes (prepare --item-features): each attribute's tokens of an item are embedded, mean-pooled and
     # layer-normed on their own, and summed into the item representation, on the input and the output side
-    use_item_features: bool = option(False, "fuse the item attributes of prepare --item-features into the item "
-                                            "representation (sum fusion)")
+    use_item_features: Optional[bool] = option(None, "fuse the item attributes of prepare --item-features into the "
+                                                     "item representation (sum fusion); unset: on when the prepared "
+                                                     "data has them (README: 1.14x-1.20x test NDCG@10 on Sports)")
     features_on_output: bool = option(True, "with use_item_features: the output side (the table targets are scored "
                                             "against) carries the attributes too; off: attributes on the input "
                                             "side only, items scored by their ID (and text) rows")
@@ -82,7 +83,7 @@ class ModelConfig(Config):
         check(1 <= self.short_window <= self.max_length, "model.short_window must be in [1, max_length]")
         check(0.0 <= self.id_dropout < 1.0, "model.id_dropout must be in [0, 1)")
         check(0.0 <= self.gap_dropout < 1.0, "model.gap_dropout must be in [0, 1)")
-        check(self.features_on_output or self.use_item_features,
+        check(self.features_on_output or self.use_item_features is not False,
               "model.features_on_output off (attributes on the input side only) needs model.use_item_features")
         check(self.id_dropout == 0.0 or self.use_text, "model.id_dropout needs model.use_text (the text path "
               "is what represents an item whose ID embedding is dropped)")

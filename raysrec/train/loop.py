@@ -109,16 +109,17 @@ def resolve_model_config(cfg: TrainConfig, data: PreparedData, device_type: str 
     if not data.has_timestamps:
         model["use_time_gap"] = False
     model["type_names"] = data.event_types if cfg.model.use_types else []
-    features = {}
-    if cfg.model.use_item_features:
-        tables = data.item_features()
-        if not tables:
-            raise ConfigError(f"model.use_item_features: {data.root} has no item attributes (prepare --item-features)")
-        features = {name: tokens for name, (_, tokens) in tables.items()}
-        model["feature_vocab"] = {name: vocab for name, (vocab, _) in tables.items()}
-        model["feature_width"] = {name: int(tokens.shape[1]) for name, tokens in features.items()}
-    else:
-        model["feature_vocab"], model["feature_width"] = {}, {}
+    # item attributes: on when asked, or when unset (None) and the data has them; the model saves what was decided
+    tables = data.item_features() if cfg.model.use_item_features is not False else {}
+    if cfg.model.use_item_features and not tables:
+        raise ConfigError(f"model.use_item_features: {data.root} has no item attributes (prepare --item-features)")
+    model["use_item_features"] = bool(tables)
+    if not tables and not cfg.model.features_on_output:
+        raise ConfigError(f"model.features_on_output off: {data.root} has no item attributes for the input side "
+                          "(prepare --item-features)")
+    features = {name: tokens for name, (_, tokens) in tables.items()}
+    model["feature_vocab"] = {name: vocab for name, (vocab, _) in tables.items()}
+    model["feature_width"] = {name: int(tokens.shape[1]) for name, tokens in features.items()}
     users = data.user_features() if cfg.model.use_user_features else {}
     if cfg.model.use_user_features and not users:
         raise ConfigError(f"model.use_user_features: {data.root} has no user attributes (prepare --user-features)")

@@ -162,6 +162,36 @@ def test_rees46_with_string_times_types_and_a_broken_last_line(ray_local, tmp_pa
     assert [vocab[t - 1] for t in tokens[item] if t] == [".".join(levels[:i + 1]) for i in range(len(levels))]
 
 
+def test_item_attributes_are_used_when_the_prepared_data_has_them(ray_local, taobao_prepared, tmp_path):
+    """model.use_item_features unset: on when prepare wrote item attributes, off when it did not; what was decided is
+    what the model config saves. Asked for on data without any, or switched off, it says so."""
+    from raysrec.errors import ConfigError
+    from raysrec.models.sequential import ModelConfig
+    from raysrec.train.config import TrainConfig
+    from raysrec.train.loop import resolve_model_config
+
+    with_attributes = tmp_path / "with"
+    prepare(PrepareConfig(source=SourceConfig(path=str(TAOBAO), columns=TAOBAO_COLUMNS, type_col="behavior",
+                                              on_bad_row="skip"), output=str(with_attributes),
+                          item_features=["category_id"]))
+    cfg = TrainConfig(data=str(with_attributes))
+    assert cfg.model.use_item_features is None
+    resolved, _, features = resolve_model_config(cfg, PreparedData.load(with_attributes))
+    assert resolved.model.use_item_features is True and list(features) == ["category_id"]
+    assert len(resolved.model.feature_vocab["category_id"]) > 100
+    off, _, features = resolve_model_config(cfg.replace(model=ModelConfig(use_item_features=False)),
+                                            PreparedData.load(with_attributes))
+    assert off.model.use_item_features is False and off.model.feature_vocab == {} and features == {}
+    plain, _, features = resolve_model_config(TrainConfig(data=str(taobao_prepared)), PreparedData.load(taobao_prepared))
+    assert plain.model.use_item_features is False and plain.model.feature_vocab == {} and features == {}
+    with pytest.raises(ConfigError, match="has no item attributes"):
+        resolve_model_config(TrainConfig(data=str(taobao_prepared), model=ModelConfig(use_item_features=True)),
+                             PreparedData.load(taobao_prepared))
+    with pytest.raises(ConfigError, match="features_on_output off"):
+        resolve_model_config(TrainConfig(data=str(taobao_prepared), model=ModelConfig(features_on_output=False)),
+                             PreparedData.load(taobao_prepared))
+
+
 def test_one_user_per_line(tmp_path):
     """``user item item ...`` (S3-Rec, RecBole and many paper releases): each item a row, in line order."""
     path = tmp_path / "seqs.txt"
