@@ -165,8 +165,11 @@ def test_killed_tune_driver_resumes_keeping_finished_trials(synth_prepared, tmp_
     from raysrec.serving.recommender import Recommender
     assert Recommender.load(tmp_path / "search" / "best").num_items == 200
     # the same output again without --resume is refused in one line, and the finished search is left as it was
+    sessions = set(Path(ray_tmp).glob("*/session_2*"))
+    assert sessions, "the test would not see a new Ray session"
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--resume" in again.stderr.strip().splitlines()[-1], again.stderr[-2000:]
+    assert set(Path(ray_tmp).glob("*/session_2*")) == sessions, "refused only after starting Ray"
     assert pd.read_csv(tmp_path / "search" / "trials.csv").equals(trials)
 
 
