@@ -24,16 +24,11 @@ def supported() -> bool:
     return ray.__version__.startswith(TESTED_RAY)
 
 
-def release_leaked_train_groups(min_age_s: float = 10.0, address: Optional[str] = None) -> list[str]:
-    """Remove this job's placement groups that hold CPUs/GPUs, are older than ``min_age_s`` and have no
-    live or pending actor placed in them (Tune's own trial bundles hold none); returns their ids."""
+def _holding_groups(address: Optional[str]):
+    """This job's CREATED placement groups that hold CPUs/GPUs (Tune's own trial bundles hold none), with the
+    ids of the groups a live or pending actor is placed in, and the GCS address."""
     import ray  # noqa: PLC0415
-    from ray.util.placement_group import PlacementGroup  # noqa: PLC0415
     from ray.util.state import list_actors, list_placement_groups  # noqa: PLC0415
-
-    if not supported():
-        return []
-    from ray._raylet import PlacementGroupID  # noqa: PLC0415  (gated above)
 
     address = address or ray.get_runtime_context().gcs_address
     job = ray.get_runtime_context().get_job_id()
@@ -41,37 +36,72 @@ def release_leaked_train_groups(min_age_s: float = 10.0, address: Optional[str] 
                                    raise_on_missing_output=False)
     used = {a.placement_group_id for a in list_actors(address=address, filters=[("state", "!=", "DEAD")],
                                                       detail=True, limit=10_000, raise_on_missing_output=False)}
+    holding = [g for g in groups if g.creator_job_id == job
+               and any(b["unit_resources"].get("CPU", 0) or b["unit_resources"].get("GPU", 0) for b in g.bundles)]
+    return holding, used
+
+
+def _created_ns(group, default: int) -> int:
+    return int((group.stats or {}).get("creation_request_received_ns") or default)
+
+
+def _remove(group_id: str) -> None:
+    import ray  # noqa: PLC0415
+    from ray._raylet import PlacementGroupID  # noqa: PLC0415  (callers are gated on supported())
+    from ray.util.placement_group import PlacementGroup  # noqa: PLC0415
+
+    ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+
+
+def release_leaked_train_groups(min_age_s: float = 10.0, address: Optional[str] = None,
+                                spare: frozenset[str] = frozenset()) -> list[str]:
+    """During a search: remove this job's placement groups that hold CPUs/GPUs, are older than ``min_age_s``,
+    have no live or pending actor placed in them and are not in ``spare`` (those held before the search);
+    returns their ids."""
+    if not supported():
+        return []
+    holding, used = _holding_groups(address)
     now_ns = time.time_ns()
     released = []
-    for group in groups:
-        holds = any(b["unit_resources"].get("CPU", 0) or b["unit_resources"].get("GPU", 0) for b in group.bundles)
-        created = int((group.stats or {}).get("creation_request_received_ns") or now_ns)
-        if (group.creator_job_id != job or not holds or group.placement_group_id in used
-                or now_ns - created < min_age_s * 1e9):
+    for group in holding:
+        if group.placement_group_id in used or group.placement_group_id in spare or now_ns - _created_ns(group, now_ns) < min_age_s * 1e9:
             continue
-        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group.placement_group_id))))
+        _remove(group.placement_group_id)
         released.append(group.placement_group_id)
     return released
 
 
-def release_after_search(settle_s: float = 3.0) -> list[str]:
-    """Once the search has ended no Train group of this job is in use: release what stopped trials left,
-    waiting up to ``settle_s`` for a stopped trial's group that is still being handed back."""
-    released: list[str] = []
-    deadline = time.time() + settle_s
-    while True:
-        try:
-            released += release_leaked_train_groups(min_age_s=0.0)
-        except Exception as exc:  # best effort, as in the callback
-            print(f"could not check for leaked placement groups: {exc}", flush=True)
-            return released
-        if released or time.time() > deadline:
-            return released
-        time.sleep(1.0)
+def held_groups(address: Optional[str] = None) -> frozenset[str]:
+    """The ids of this job's placement groups that hold CPUs/GPUs now (taken before a search starts)."""
+    if not supported():
+        return frozenset()
+    holding, _ = _holding_groups(address)
+    return frozenset(g.placement_group_id for g in holding)
 
 
-def release_callback():
-    """A Tune callback that runs :func:`release_leaked_train_groups` after trials end and every 30 s."""
+def release_after_search(before: frozenset[str], address: Optional[str] = None) -> list[str]:
+    """Once the search has ended, none of the Train groups it created is in use: remove every group of this job
+    that holds CPUs/GPUs and was not there before the search (:func:`held_groups`), with any worker still
+    winding down in it.
+
+    A stopped trial's workers can outlive its controller for a while, so waiting for them to go (what
+    :func:`release_leaked_train_groups` does mid-search) could leave the group holding the CPUs that the next
+    step (the export's scoring task) waits for, for ever. Groups that were there before the search, e.g. the
+    caller's own in the same driver, are not touched."""
+    if not supported():
+        return []
+    holding, _ = _holding_groups(address)
+    released = []
+    for group in holding:
+        if group.placement_group_id not in before:
+            _remove(group.placement_group_id)
+            released.append(group.placement_group_id)
+    return released
+
+
+def release_callback(before: frozenset[str] = frozenset()):
+    """A Tune callback that runs :func:`release_leaked_train_groups` (sparing ``before``) after trials end and
+    every 30 s."""
     from ray import tune  # noqa: PLC0415
 
     class ReleaseStoppedTrialResources(tune.Callback):
@@ -87,7 +117,7 @@ def release_callback():
         def _sweep(self) -> None:
             self._last = time.time()
             try:
-                for group in release_leaked_train_groups():
+                for group in release_leaked_train_groups(spare=before):
                     print(f"released placement group {group[:12]} left behind by a stopped trial", flush=True)
             except Exception as exc:  # the state API is best effort (e.g. no dashboard on this cluster)
                 print(f"could not check for leaked placement groups: {exc}", flush=True)

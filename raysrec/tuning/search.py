@@ -32,7 +32,7 @@ from raysrec.errors import ConfigError
 from raysrec.files import filesystem, join
 from raysrec.train.config import BEST_SCORE, VALID_METRIC, VALID_MODE, TrainConfig
 from raysrec.tuning.config import SearchConfig
-from raysrec.tuning.placement import release_after_search, release_callback
+from raysrec.tuning.placement import held_groups, release_after_search, release_callback
 from raysrec.tuning.report import plot_report
 from raysrec.tuning.space import Param, apply_overrides, load_space, space_path, to_tune
 
@@ -111,6 +111,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
         # while the Train workers hold the real CPUs/GPUs.
         {"CPU": 0, "memory": 64 * 1024 * 1024})
     shown = redact(join(storage, EXPERIMENT))
+    before = held_groups()   # the caller's own groups: the cleanup spares them
     started = time.time()
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -134,13 +135,13 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict[str, Any]:
             tune_config=tune.TuneConfig(metric=VALID_METRIC, mode=VALID_MODE, search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.num_samples, max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage_root, storage_filesystem=storage_fs,
-                                      callbacks=[release_callback()],
+                                      callbacks=[release_callback(before)],
                                       failure_config=tune.FailureConfig(max_failures=1)),
         )
         print(f"search: {cfg.num_samples} trials x <= {cfg.epochs} epochs, {max_concurrent} at a time, "
               f"space {space_file}; TensorBoard: tensorboard --logdir {redact(storage)}")
     grid = tuner.fit()
-    for group in release_after_search():   # the last stopped trial's group can outlive the search
+    for group in release_after_search(before):   # a stopped trial's group can outlive the search
         print(f"released placement group {group[:12]} left behind by a stopped trial", flush=True)
     summary = export(grid, params, base, out, storage_fs, wall_seconds=time.time() - started)
     if cfg.refit_epochs:
@@ -166,6 +167,19 @@ def refit(cfg: SearchConfig, base: TrainConfig, summary: dict[str, Any], out: Pa
     return artifact.copy_model(out / "refit", out / "best", search=search)
 
 
+def _text(value: Any) -> Optional[str]:
+    """A path read from a results table, or None where the table has none (pandas fills a gap with NaN)."""
+    return value if isinstance(value, str) and value else None
+
+
+def chosen_checkpoint(chosen: dict[str, Any], in_memory: dict[str, Any], kept: list[str]) -> Optional[str]:
+    """The checkpoint of the epoch a trial chose: the path reported with that epoch's result on disk
+    (``chosen``), else the one in Tune's in-memory table, else one Tune kept for that epoch. A restored
+    trial's in-memory row can lack it (NaN), and NaN is truthy: it must never win over a real path."""
+    return _text(chosen.get("checkpoint_path")) or _text(in_memory.get("checkpoint_path")) or \
+        (kept[0] if kept else None)
+
+
 def trial_table(grid, params: list[Param]) -> pd.DataFrame:
     """One row per trial, at its best epoch (Ray's ``ResultGrid.get_dataframe``), with its status."""
     searched = [p.path for p in params if p.kind != "fixed"]
@@ -183,13 +197,13 @@ def trial_table(grid, params: list[Param]) -> pd.DataFrame:
             # scores, the earlier epoch, as the loop chose
             chosen = history.loc[history[BEST_SCORE].astype(float).idxmax()].to_dict()
             kept = [c.path for c, m in (result.best_checkpoints or []) if m.get("epoch") == chosen.get("epoch")]
-            best = {**chosen, "checkpoint_path": best.get("checkpoint_path") or (kept[0] if kept else None)}
+            best = {**chosen, "checkpoint_path": chosen_checkpoint(chosen, best, kept)}
         row: dict[str, Any] = {"trial_id": trial_id, "status": "ERROR" if result.error else "TERMINATED",
                                **{f"param.{k}": result.config.get(k) for k in searched},
                                "epochs": int(history["epoch"].max()) if history is not None and "epoch" in history
                                else 0,
                                "best_epoch": best.get("epoch"), VALID_METRIC: best.get(VALID_METRIC, float("nan")),
-                               "valid_hr@10": best.get("valid_hr@10"), "checkpoint_path": best.get("checkpoint_path")}
+                               "valid_hr@10": best.get("valid_hr@10"), "checkpoint_path": _text(best.get("checkpoint_path"))}
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -213,7 +227,10 @@ def export(grid, params: list[Param], base: TrainConfig, out: Path, storage_fs, 
               "epochs_total": int(table["epochs"].sum()), "wall_seconds": round(wall_seconds, 1)}
     from raysrec.train.ray_train import score_in_task  # noqa: PLC0415
 
-    checkpoint = Checkpoint(str(best["checkpoint_path"]), filesystem=storage_fs)
+    if not _text(best["checkpoint_path"]):
+        raise RuntimeError(f"trial {search['trial_id']}: no checkpoint of its best epoch ({best['best_epoch']}) "
+                           f"was found in its results under {out / 'ray_results'}")
+    checkpoint = Checkpoint(best["checkpoint_path"], filesystem=storage_fs)
     scores = score_in_task(checkpoint, base.data, base)
     with checkpoint.as_directory() as folder:
         keys = json.loads((Path(folder) / artifact.STATE_FILE).read_text())["history"][0].keys()

@@ -40,3 +40,44 @@ def test_cleanup_releases_an_abandoned_group_and_spares_a_live_one(ray_local):
     finally:
         ray.kill(worker)
         remove_placement_group(live)
+
+
+def test_after_the_search_every_group_it_created_goes_even_with_a_worker_still_in_it(ray_local):
+    """After the search no Train group it made is in use, but a stopped trial's worker can still be winding down
+    in its group: the group goes all the same (else the export's scoring task waits for its CPUs for ever),
+    while a group the caller held before the search stays."""
+    ray = ray_local
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raysrec.tuning.placement import held_groups, release_after_search
+
+    if not supported():
+        pytest.skip(f"the cleanup is gated off on Ray {ray.__version__}")
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def ping(self):
+            return "pong"
+
+    callers = placement_group([{"CPU": 1}])
+    ray.get(callers.ready(), timeout=60)
+    before = held_groups()
+    assert callers.id.hex() in before
+    trials = placement_group([{"CPU": 1}])
+    ray.get(trials.ready(), timeout=60)
+    worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(trials)).remote()
+    assert ray.get(worker.ping.remote(), timeout=60) == "pong"
+    try:
+        assert release_leaked_train_groups(min_age_s=0, spare=before) == []   # mid-search: both are spared
+        assert release_after_search(before) == [trials.id.hex()]
+        table = ray.util.placement_group_table()
+        assert table[trials.id.hex()]["state"] == "REMOVED" and table[callers.id.hex()]["state"] == "CREATED"
+
+        @ray.remote(num_cpus=1)
+        def one():
+            return 1
+        assert ray.get(one.remote(), timeout=60) == 1                   # the trial's CPU is free again
+    finally:
+        ray.kill(worker)
+        remove_placement_group(callers)

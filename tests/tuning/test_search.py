@@ -42,3 +42,16 @@ def test_asha_stopped_trials_do_not_starve_the_next_ones(ray_local, synth_prepar
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == 2, ray.util.placement_group_table()
+
+
+def test_the_chosen_epochs_checkpoint_is_a_real_path_never_a_gap():
+    """A trial restored after a killed driver can have NaN where Tune's in-memory table keeps its checkpoint;
+    the path reported on disk with the chosen epoch wins, and a gap never passes for a path."""
+    from raysrec.tuning.search import chosen_checkpoint
+
+    on_disk = {"epoch": 2, "checkpoint_path": "/runs/train-a/checkpoint_2"}
+    assert chosen_checkpoint(on_disk, {"checkpoint_path": float("nan")}, []) == "/runs/train-a/checkpoint_2"
+    assert chosen_checkpoint({"epoch": 2, "checkpoint_path": float("nan")},
+                             {"checkpoint_path": "/runs/train-a/checkpoint_2"}, []) == "/runs/train-a/checkpoint_2"
+    assert chosen_checkpoint({"epoch": 2}, {"checkpoint_path": float("nan")}, ["/kept/2"]) == "/kept/2"
+    assert chosen_checkpoint({"epoch": 2}, {"checkpoint_path": float("nan")}, []) is None

@@ -62,8 +62,10 @@ def test_the_default_space_and_the_serve_template_ship_in_the_wheel(tmp_path, mo
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist")], check=True, timeout=300, cwd=tmp_path)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("raysrec-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"raysrec/tuning/spaces/default.yaml", "raysrec/serving/deploy.yaml"} <= names
