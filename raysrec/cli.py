@@ -85,7 +85,7 @@ TRAIN_OPTIONS = [
     "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "model.use_types",
     "model.use_item_features", "model.features_on_output", "model.use_user_features", "target_types", "cold_items",
     "resume", "resume_from", "init_from", "init_optimizer", "init_shrink", "init_perturb", "item_grads",
-    "eval_max_users", "storage_path", "verbose"]
+    "eval_max_users", "final_eval_max_users", "storage_path", "verbose"]
 RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
                      "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
 EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]
@@ -167,6 +167,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = fit(cfg, use_ray=not args.no_ray)
     print(json.dumps({"test": metrics["test"], "epochs": metrics["epochs"], "train_seconds": metrics["train_seconds"]},
                      indent=2))
+    test = metrics["test"]
+    if "users_total" in test:
+        print(f"valid and test figures on a seeded sample of {test['rows']:,} of {test['users_total']:,} users: "
+              f"test ndcg@10 {test['ndcg@10']:.4f} +- {test['ci95_ndcg@10']:.4f} (95-percent confidence interval); "
+              "--final-eval-max-users 0 scores every user")
     print(f"model, metrics and training curve written to {os.path.abspath(cfg.output)}")
     return 0
 

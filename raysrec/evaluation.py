@@ -26,6 +26,12 @@ all-reduce the sums) and divided by the row count in :func:`summarize`:
 * ``HR@K  = 1[r < K]``
 * ``NDCG@K = 1[r < K] / log2(r + 2)`` (one relevant item: the ideal DCG is 1)
 * ``MRR@K = 1[r < K] / (r + 1)``
+
+**Samples.** Full ranking costs users x items: scoring 200k users over a million items is minutes per split on
+CPU. The final figures of a run (``metrics.json``) are therefore taken on a fixed, seeded sample of
+``train.final_eval_max_users`` users when there are more (0: every user), and each comes with the half-width
+of its 95 % confidence interval (:func:`confidence`: normal approximation over the sampled users, with the
+finite-population correction), so a sampled figure says how far it can be from the every-user one.
 """
 
 from __future__ import annotations
@@ -154,22 +160,42 @@ def metric_keys(ks: Iterable[int]) -> list[str]:
     return [f"{m}@{k}" for k in ks for m in ("ndcg", "hr", "mrr")]
 
 
-def metric_sums(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
-    """Sums (not means) of NDCG@K, HR@K and MRR@K (formulas in the module docstring)."""
-    out: dict[str, float] = {}
+def metric_values(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, torch.Tensor]:
+    """Each row's NDCG@K, HR@K and MRR@K (formulas in the module docstring), in :func:`metric_keys` order."""
+    out: dict[str, torch.Tensor] = {}
     ranks = ranks.double()
     for k in ks:
         hit = ranks < k
-        out[f"ndcg@{k}"] = float((hit / torch.log2(ranks + 2.0)).sum())
-        out[f"hr@{k}"] = float(hit.sum())
-        out[f"mrr@{k}"] = float((hit / (ranks + 1.0)).sum())
+        out[f"ndcg@{k}"] = hit / torch.log2(ranks + 2.0)
+        out[f"hr@{k}"] = hit.double()
+        out[f"mrr@{k}"] = hit / (ranks + 1.0)
     return out
 
 
+def metric_sums(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
+    """Sums (not means) of :func:`metric_values` over the rows."""
+    return {key: float(v.sum()) for key, v in metric_values(ranks, ks).items()}
+
+
 def summarize(totals: np.ndarray, ks: Iterable[int], prefix: str = "") -> dict[str, float]:
-    """``[count, sums in metric_keys order]`` -> means, keys prefixed (``valid_ndcg@10``)."""
+    """``[count, sums in metric_keys order, ...]`` -> means, keys prefixed (``valid_ndcg@10``)."""
     count = max(totals[0], 1.0)
     return {f"{prefix}{key}": float(v / count) for key, v in zip(metric_keys(ks), totals[1:])}
+
+
+def confidence(totals: np.ndarray, ks: Iterable[int], population: int, z: float = 1.96) -> dict[str, float]:
+    """Half-widths of the confidence intervals (95 % at the default ``z``) of the means of
+    ``[count, sums..., sums of squares...]`` (:func:`evaluate`'s totals) over ``count`` rows drawn without
+    replacement from ``population``: ``z * sd / sqrt(n) * sqrt((N - n) / (N - 1))``. Zero when every row was
+    scored (the figure is then exact for these users, not an estimate)."""
+    keys = metric_keys(ks)
+    n = float(totals[0])
+    sums, squares = totals[1:1 + len(keys)], totals[1 + len(keys):1 + 2 * len(keys)]
+    if n < 2 or population <= n:
+        return {key: 0.0 for key in keys}
+    variance = np.maximum(squares / n - (sums / n) ** 2, 0.0) * n / (n - 1)
+    correction = (population - n) / (population - 1)
+    return {key: float(z * np.sqrt(v / n * correction)) for key, v in zip(keys, variance)}
 
 
 # ---------------------------------------------------------------- the cold-start protocol
@@ -203,14 +229,15 @@ def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[i
              device: torch.device, bf16: bool = False, protocol: Protocol = "full", rank: int = 0,
              world_size: int = 1, num_sampled: int = 100, seed: int = 0,
              allowed: Optional[torch.Tensor] = None, chunk_items: int = 65536) -> np.ndarray:
-    """Metric sums over this worker's share of ``examples``: ``[count, sums in metric_keys(ks) order]``.
+    """Metric sums over this worker's share of ``examples``: ``[count, sums in metric_keys(ks) order, sums of
+    squares in the same order]`` (the squares give :func:`confidence`; :func:`summarize` reads the sums).
 
     Full ranking scores the catalogue ``chunk_items`` at a time: no (batch x catalogue) matrix is held.
     """
     model.eval()
     ks = list(ks)
     keys = metric_keys(ks)
-    totals = np.zeros(1 + len(keys))
+    totals = np.zeros(1 + 2 * len(keys))
     generator = torch.Generator().manual_seed(seed)
     for batch in iterate_batches(examples, batch_size, rank=rank, world_size=world_size, device=device,
                                  with_history=True):
@@ -223,9 +250,9 @@ def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[i
         else:
             candidates = sampled_candidates(targets, batch["history"], model.cfg.num_items, num_sampled, generator)
             ranks = sampled_ranks(model.score_items(hidden.float(), candidates))
-        sums = metric_sums(ranks, ks)
+        values = metric_values(ranks, ks)
         totals[0] += len(targets)
-        totals[1:] += [sums[k] for k in keys]
+        totals[1:] += [float(values[k].sum()) for k in keys] + [float((values[k] ** 2).sum()) for k in keys]
     return totals
 
 
@@ -259,9 +286,11 @@ class CheckpointEvaluator:
             self.seqs = without_items(self.seqs, self.cold)
 
     def score(self, split: Literal["valid", "test"] = "test", protocol: Protocol = "full", seed: int = 0,
-              targets: Literal["all", "cold", "warm"] = "all",
-              candidates: Literal["all", "cold"] = "all") -> dict[str, float]:
-        """See :func:`evaluate_checkpoint`."""
+              targets: Literal["all", "cold", "warm"] = "all", candidates: Literal["all", "cold"] = "all",
+              max_users: Optional[int] = None) -> dict[str, float]:
+        """See :func:`evaluate_checkpoint`. ``max_users`` bounds the users scored further than the model's
+        ``eval_max_users``; when fewer users than there are get scored, the figures carry ``users_total`` and
+        the half-widths of their 95 % confidence intervals (``ci95_ndcg@10``, ...)."""
         cfg, cold = self.cfg, self.cold
         if targets != "all" and cold is None:
             raise ConfigError(f"targets={targets!r} needs a model trained with cold_items > 0")
@@ -271,12 +300,18 @@ class CheckpointEvaluator:
         if cold is not None and targets != "all":
             is_cold = cold[examples.targets()]
             examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
-        examples = examples.sample(cfg.eval_max_users, cfg.seed)
+        population = len(examples)
+        bounds = [b for b in (cfg.eval_max_users, max_users) if b]
+        examples = examples.sample(min(bounds) if bounds else None, cfg.seed)
         allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
         totals = evaluate(self.model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=self.device,
                           bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed,
                           chunk_items=cfg.eval_chunk_items)
-        return {**summarize(totals, cfg.metric_ks), "rows": int(totals[0])}
+        scores = {**summarize(totals, cfg.metric_ks), "rows": int(totals[0])}
+        if totals[0] < population:
+            scores["users_total"] = population
+            scores.update({f"ci95_{k}": v for k, v in confidence(totals, cfg.metric_ks, population).items()})
+        return scores
 
 
 def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: Protocol = "full",
@@ -297,8 +332,11 @@ def final_scores(checkpoint: str | Path, data: str, device: str = "cpu") -> dict
     """The figures a model folder carries: valid and test metrics and, for the cold-start protocol, ``cold``.
     The checkpoint and the data are loaded once for all of them."""
     evaluator = CheckpointEvaluator(data, checkpoint, device)
+    bound = evaluator.cfg.final_eval_max_users or None
     cold = None
     if evaluator.cold is not None:
-        cold = {"test_cold": evaluator.score(targets="cold"), "test_warm": evaluator.score(targets="warm"),
-                "test_cold_among_cold": evaluator.score(targets="cold", candidates="cold")}
-    return {"valid": evaluator.score(split="valid"), "test": evaluator.score(split="test"), "cold": cold}
+        cold = {"test_cold": evaluator.score(targets="cold", max_users=bound),
+                "test_warm": evaluator.score(targets="warm", max_users=bound),
+                "test_cold_among_cold": evaluator.score(targets="cold", candidates="cold", max_users=bound)}
+    return {"valid": evaluator.score(split="valid", max_users=bound),
+            "test": evaluator.score(split="test", max_users=bound), "cold": cold}

@@ -70,6 +70,11 @@ class TrainConfig(Config):
                                                  "a million users over a million items is hours on CPU. With several "
                                                  "workers, each validates the epochs on its share of the users it "
                                                  "reads, so metrics.json's sample differs from the epochs'")
+    final_eval_max_users: int = option(50_000, "the run's final valid and test figures (metrics.json) on a fixed, "
+                                               "seeded sample of this many users when there are more, each with "
+                                               "the half-width of its 95-percent confidence interval (0: every "
+                                               "user); full ranking of "
+                                               "200k users over a million items takes minutes per split on CPU")
     eval_chunk_items: int = option(65536, "evaluation scores the catalogue this many items at a time: it never "
                                           "holds more than eval_batch_size x this many scores")
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])
@@ -130,6 +135,7 @@ class TrainConfig(Config):
             check(not (self.use_gpu and self.num_workers > 1),
                   "train.item_grads sparse with several GPU workers: NCCL has no sparse all-reduce; use dense")
         check(self.eval_max_users is None or self.eval_max_users >= 1, "train.eval_max_users must be >= 1")
+        check(self.final_eval_max_users >= 0, "train.final_eval_max_users must be >= 0 (0: every user)")
         check(len(set(self.target_types)) == len(self.target_types), "train.target_types: a type is named twice")
         check(self.cold_items == 0.0 or self.loss in ("ce", "auto"),
               "train.cold_items (the cold-start protocol) needs loss ce, which can leave the cold items out")

@@ -103,6 +103,30 @@ def test_cli_evaluate_reports_sampled_and_full_protocols(synth_prepared, tmp_pat
     assert proc.returncode == 2 and "model folder not found" in proc.stderr
 
 
+def test_final_figures_on_a_user_sample_carry_their_interval_and_every_user_is_one_option_away(synth_prepared, tmp_path,
+                                                                                               capsys):
+    """metrics.json's valid/test figures of a run with more users than train.final_eval_max_users are on a seeded
+    sample, with users_total and 95 % half-widths, and the CLI says so; 0 scores every user, and the sampled
+    figure lies within its interval's reach of that one."""
+    from raysrec.cli import main
+
+    args = ["train", "--data", str(synth_prepared), "--epochs", "1", "--hidden-dim", "16", "--no-ray"]
+    assert main([*args, "-o", str(tmp_path / "sampled"), "--final-eval-max-users", "120"]) == 0
+    printed = capsys.readouterr().out
+    assert "valid and test figures on a seeded sample of 120 of 300 users: test ndcg@10" in printed
+    assert "--final-eval-max-users 0 scores every user" in printed
+    sampled = json.loads((tmp_path / "sampled" / "metrics.json").read_text())
+    for split in ("valid", "test"):
+        assert sampled[split]["rows"] == 120 and sampled[split]["users_total"] == 300
+        assert 0 < sampled[split]["ci95_ndcg@10"] < 0.2 and 0 < sampled[split]["ci95_hr@10"] < 0.2
+    assert main([*args, "-o", str(tmp_path / "every"), "--final-eval-max-users", "0"]) == 0
+    assert "seeded sample" not in capsys.readouterr().out
+    every = json.loads((tmp_path / "every" / "metrics.json").read_text())
+    assert every["test"]["rows"] == 300 and "users_total" not in every["test"] and "ci95_ndcg@10" not in every["test"]
+    # the same seeded run, so the same model: the sample's figure estimates the every-user one
+    assert abs(sampled["test"]["hr@10"] - every["test"]["hr@10"]) <= 2 * sampled["test"]["ci95_hr@10"]
+
+
 class _FailingSession(LocalSession):
     """Resumes from a checkpoint it hands over in the loop's scratch folder, then fails at the first report."""
 
