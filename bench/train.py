@@ -15,11 +15,14 @@ runs the plain loop once per full-CE implementation (``plain``: the whole logit 
 Amazon Sports (../shared/data/amazon-sports, one user per line, converted here to a CSV whose time is the
 line position). ``--layouts`` runs the plain loop once per batch layout: ``padded`` (every batch
 max_length wide, as before), ``trimmed`` (each batch as wide as its longest row) and ``grouped`` (trimmed,
-rows of similar length batched together: ``train.group_by_length``).
+rows of similar length batched together: ``train.group_by_length``). ``--compile`` runs each plain loop a
+second time with the model under ``torch.compile(dynamic=True)`` (trimmed batches vary in width); its first
+epoch includes the compilation, so give ``--epochs 3`` and read the median.
 
     python bench/train.py [--data PREPARED_DIR] [--epochs 3] [--num-cpus N] [--use-gpu]
     python bench/train.py --use-gpu --synthetic-items 1000000 --ce plain chunked fused --workers
     python bench/train.py --sports --layouts padded trimmed grouped --workers --epochs 1
+    python bench/train.py --sports --compile --workers --epochs 3
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def prepared_csv(workdir: Path, csv: Path) -> Path:
     return out
 
 
-def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str = "grouped"
+def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str = "grouped", compile: bool = False
                ) -> tuple[list[float], float]:
     """What a user writes by hand: same model, batches and loss; examples/s per epoch and peak GPU MiB."""
     torch.manual_seed(cfg.seed)
@@ -100,6 +103,8 @@ def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str =
     examples = training_examples(data.read(), model_cfg.max_length, cfg.train_windows)
     model = build_model(model_cfg).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    if compile:
+        model = torch.compile(model, dynamic=True)
     use_bf16 = device == "cuda" and cfg.bf16
     chunk = {"plain": 0, "chunked": cfg.ce_chunk_items}.get(ce, 0)
     kernel = "cce" if ce == "fused" else "torch"
@@ -137,6 +142,7 @@ def main() -> None:
     parser.add_argument("--sports", action="store_true", help="train on Amazon Sports (../shared/data/amazon-sports)")
     parser.add_argument("--layouts", nargs="+", default=["grouped"], choices=list(LAYOUTS),
                         help="batch layouts for the plain loop")
+    parser.add_argument("--compile", action="store_true", help="each plain loop once more under torch.compile")
     parser.add_argument("--synthetic-events", type=int, default=2_000_000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=50)
@@ -161,12 +167,14 @@ def main() -> None:
     plain = None
     for ce in args.ce:
         for layout in args.layouts:
-            started = time.perf_counter()
-            rates, peak = plain_loop(base, device, ce, layout)
-            rate = statistics.median(rates)
-            plain = plain or rate
-            rows.append((f"plain PyTorch loop, 1 process, {ce} CE, {layout} batches", rate,
-                         time.perf_counter() - started, peak))
+            for compiled in ([False, True] if args.compile else [False]):
+                started = time.perf_counter()
+                rates, peak = plain_loop(base, device, ce, layout, compiled)
+                rate = statistics.median(rates)
+                plain = plain or rate
+                rows.append((f"plain PyTorch loop, 1 process, {ce} CE, {layout} batches"
+                             f"{', torch.compile' if compiled else ''} (epochs: {', '.join(f'{r:,.0f}' for r in rates)})",
+                             rate, time.perf_counter() - started, peak))
     for workers in args.workers:
         cfg = base.replace(output=str(work / f"ray{workers}"), num_workers=workers,
                            cpus_per_worker=max(1, args.num_cpus // workers) if not args.use_gpu else 1,
