@@ -9,6 +9,7 @@ Amazon Sports beside it.
     python bench/features.py --runs sports/ids sports/attributes --seeds 0 1 2
     python bench/features.py --runs taobao/ids taobao/types ml-100k/ids ml-100k/genres
     python bench/features.py --runs taobao/buy-ids taobao/buy-types --seeds 0 1 2
+    python bench/features.py --runs sports/ids-sampled4096 sports/ids-gbce --lr 1e-3
     python bench/features.py --table-only
 
 Runs: ``sports/{ids,attributes}`` (S3-Rec's Sports_and_Outdoors with its item2attributes.json, fused by sum;
@@ -91,16 +92,19 @@ def prepared(name: str, work: Path) -> Path:
     return out
 
 
-def run(spec: str, seed: int, work: Path, epochs: int, patience: int) -> dict:
+def run(spec: str, seed: int, work: Path, epochs: int, patience: int, lr: float | None = None) -> dict:
     name, variant = spec.split("/")
     data = prepared(name, work)
     options = dict(VARIANTS[variant])
     train = {key: options.pop(key) for key in TRAIN_OPTIONS if key in options}
-    cfg = TrainConfig(data=str(data), output=str(work / f"{name}-{variant}-{seed}"), seed=seed, epochs=epochs,
+    if lr is not None:
+        train["lr"] = lr
+    suffix = f"-lr{lr:g}" if lr is not None else ""
+    cfg = TrainConfig(data=str(data), output=str(work / f"{name}-{variant}{suffix}-{seed}"), seed=seed, epochs=epochs,
                       patience=patience, model=ModelConfig(**options), **train)
     started = time.time()
     metrics = fit(cfg, use_ray=False)
-    return {"run": spec, "seed": seed, "test_ndcg@10": metrics["test"]["ndcg@10"],
+    return {"run": spec + (f"@lr{lr:g}" if lr is not None else ""), "seed": seed, "lr": cfg.lr, "test_ndcg@10": metrics["test"]["ndcg@10"],
             "test_hr@10": metrics["test"]["hr@10"], "valid_ndcg@10": metrics["valid"]["ndcg@10"],
             "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "loss": metrics["loss"],
             "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.time() - started, 1),
@@ -136,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=None, help="every run at this lr (default: the train default); "
+                                                                "the run is named VARIANT@lrLR")
     parser.add_argument("--work", default=None, help="where prepared data and models go (default: a temp folder)")
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "features.jsonl"))
     parser.add_argument("--table-only", action="store_true")
@@ -147,7 +153,7 @@ def main() -> None:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="raysrec-features-"))
         for seed in args.seeds:
             for spec in args.runs:
-                row = run(spec, seed, work, args.epochs, args.patience)
+                row = run(spec, seed, work, args.epochs, args.patience, args.lr)
                 print(json.dumps(row), flush=True)
                 with results.open("a") as out:
                     out.write(json.dumps(row) + "\n")

@@ -2,7 +2,9 @@
 
 When a scheduler (ASHA) stops a trial, Tune ends the trial's actor; with Train V2 the trial's
 TrainController then goes, but the workers' placement group can outlive it
-(ray-project/ray#54305), holding its CPUs/GPUs so the next trial's workers never start.
+(ray-project/ray#54305), holding its CPUs/GPUs so the next trial's workers never start. During the search a
+callback removes such groups once no actor is left in them; when the search has ended, every group it made
+goes (:func:`release_after_search`), so the export's scoring task gets the CPUs.
 
 This uses Ray's state API (public) to find the groups, and ``PlacementGroup(PlacementGroupID)``
 (private: the public API hands out group objects only to their creator or by name) to remove
@@ -25,8 +27,8 @@ def supported() -> bool:
 
 
 def _holding_groups(address: Optional[str]):
-    """This job's CREATED placement groups that hold CPUs/GPUs (Tune's own trial bundles hold none), with the
-    ids of the groups a live or pending actor is placed in, and the GCS address."""
+    """This job's CREATED placement groups that hold CPUs/GPUs (Tune's own trial bundles hold none), and the ids
+    of the groups a live or pending actor is placed in."""
     import ray  # noqa: PLC0415
     from ray.util.state import list_actors, list_placement_groups  # noqa: PLC0415
 
@@ -71,15 +73,20 @@ def release_leaked_train_groups(min_age_s: float = 10.0, address: Optional[str] 
     return released
 
 
-def held_groups(address: Optional[str] = None) -> frozenset[str]:
-    """The ids of this job's placement groups that hold CPUs/GPUs now (taken before a search starts)."""
+def held_groups(address: Optional[str] = None) -> Optional[frozenset[str]]:
+    """The ids of this job's placement groups that hold CPUs/GPUs now (taken before a search starts); None when
+    they cannot be listed (then nothing is removed after the search)."""
     if not supported():
-        return frozenset()
-    holding, _ = _holding_groups(address)
+        return None
+    try:
+        holding, _ = _holding_groups(address)
+    except Exception as exc:  # the state API is best effort (e.g. no dashboard on this cluster)
+        print(f"could not list placement groups: {exc}", flush=True)
+        return None
     return frozenset(g.placement_group_id for g in holding)
 
 
-def release_after_search(before: frozenset[str], address: Optional[str] = None) -> list[str]:
+def release_after_search(before: Optional[frozenset[str]], address: Optional[str] = None) -> list[str]:
     """Once the search has ended, none of the Train groups it created is in use: remove every group of this job
     that holds CPUs/GPUs and was not there before the search (:func:`held_groups`), with any worker still
     winding down in it.
@@ -88,9 +95,13 @@ def release_after_search(before: frozenset[str], address: Optional[str] = None) 
     :func:`release_leaked_train_groups` does mid-search) could leave the group holding the CPUs that the next
     step (the export's scoring task) waits for, for ever. Groups that were there before the search, e.g. the
     caller's own in the same driver, are not touched."""
-    if not supported():
+    if not supported() or before is None:
         return []
-    holding, _ = _holding_groups(address)
+    try:
+        holding, _ = _holding_groups(address)
+    except Exception as exc:  # best effort, as in the callback
+        print(f"could not check for leaked placement groups: {exc}", flush=True)
+        return []
     released = []
     for group in holding:
         if group.placement_group_id not in before:
@@ -99,7 +110,7 @@ def release_after_search(before: frozenset[str], address: Optional[str] = None) 
     return released
 
 
-def release_callback(before: frozenset[str] = frozenset()):
+def release_callback(before: Optional[frozenset[str]] = None):
     """A Tune callback that runs :func:`release_leaked_train_groups` (sparing ``before``) after trials end and
     every 30 s."""
     from ray import tune  # noqa: PLC0415
@@ -117,7 +128,7 @@ def release_callback(before: frozenset[str] = frozenset()):
         def _sweep(self) -> None:
             self._last = time.time()
             try:
-                for group in release_leaked_train_groups(spare=before):
+                for group in release_leaked_train_groups(spare=before or frozenset()):
                     print(f"released placement group {group[:12]} left behind by a stopped trial", flush=True)
             except Exception as exc:  # the state API is best effort (e.g. no dashboard on this cluster)
                 print(f"could not check for leaked placement groups: {exc}", flush=True)
