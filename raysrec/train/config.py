@@ -73,8 +73,8 @@ class TrainConfig(Config):
     final_eval_max_users: int = option(50_000, "the run's final valid and test figures (metrics.json) on a fixed, "
                                                "seeded sample of this many users when there are more, each with "
                                                "the half-width of its 95-percent confidence interval (0: every "
-                                               "user); full ranking of "
-                                               "200k users over a million items takes minutes per split on CPU")
+                                               "user); full ranking of 200k users over a million items takes "
+                                               "minutes per split on CPU")
     eval_chunk_items: int = option(65536, "evaluation scores the catalogue this many items at a time: it never "
                                           "holds more than eval_batch_size x this many scores")
     metric_ks: list[int] = dataclasses.field(default_factory=lambda: [5, 10, 20])

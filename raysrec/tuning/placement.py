@@ -66,7 +66,8 @@ def release_leaked_train_groups(min_age_s: float = 10.0, address: Optional[str] 
     now_ns = time.time_ns()
     released = []
     for group in holding:
-        if group.placement_group_id in used or group.placement_group_id in spare or now_ns - _created_ns(group, now_ns) < min_age_s * 1e9:
+        young = now_ns - _created_ns(group, now_ns) < min_age_s * 1e9
+        if group.placement_group_id in used or group.placement_group_id in spare or young:
             continue
         _remove(group.placement_group_id)
         released.append(group.placement_group_id)
