@@ -266,8 +266,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     (tmp / SEQUENCES_DIR).mkdir(parents=True)
+    context = ray.data.DataContext.get_current()
+    shuffle = context.shuffle_strategy
     try:
         manifest = _run(cfg, source, tmp, ray)
+        manifest["shuffle"] = context.shuffle_strategy.value    # the group stage's (see TASK_SHUFFLE_MAX_SPLITS)
         manifest["seconds"] = round(time.time() - started, 3)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         if remote:
@@ -275,6 +278,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         else:
             publish_dir(tmp, out)
     finally:
+        context.shuffle_strategy = shuffle       # the driver's own, for what it runs next
         shutil.rmtree(tmp.parent if remote else tmp, ignore_errors=True)
     return manifest
 
@@ -391,6 +395,21 @@ def _unwrap(exc: BaseException) -> BaseException:
     return InputError(found[-1]) if found else exc
 
 
+# Up to this many input splits (~32 MB of text or a Parquet row group each), the group stage shuffles with tasks
+# (Ray Data's sort-based pull shuffle) instead of Ray's default, which starts aggregator actors for every run: on
+# a small log those actors' start-up was most of prepare's time (bench/prepare.py --shuffle, docs/benchmarks.md).
+TASK_SHUFFLE_MAX_SPLITS = 16
+
+
+def _choose_shuffle(ray, num_splits: int) -> None:
+    """Set the group stage's shuffle for the datasets this prepare builds (each takes a copy of the driver's
+    DataContext when it is created; the caller restores the driver's own after the run)."""
+    from ray.data.context import ShuffleStrategy  # noqa: PLC0415
+
+    if num_splits <= TASK_SHUFFLE_MAX_SPLITS:
+        ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+
+
 def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str, Any]:
     sources = [source]
     if cfg.event_log:
@@ -403,6 +422,7 @@ def _run(cfg: PrepareConfig, source: ResolvedSource, tmp: Path, ray) -> dict[str
     if not splits:
         raise InputError("no data to read", path=cfg.source.path)
     # 1 + 2: read, parse and group by user shard.
+    _choose_shuffle(ray, len(splits))
     ds = ray.data.from_items([dataclasses.asdict(s) for s in splits], override_num_blocks=len(splits))
     events = ds.map_batches(_parse_splits, batch_size=1, batch_format="pyarrow",
                             fn_kwargs={"sources": sources, "min_rating": cfg.min_rating, "num_shards": cfg.num_shards})

@@ -38,9 +38,16 @@ def test_ml100k_recbole_counts(ml100k_prepared):
     assert (ml100k_prepared / "prepare_config.yaml").is_file()
 
 
-def test_same_input_and_config_give_identical_outputs(ray_local, ml100k_dir, tmp_path):
+def test_same_input_and_config_give_identical_outputs_whichever_shuffle(ray_local, ml100k_dir, tmp_path, monkeypatch):
+    """Twice, with the task shuffle prepare uses on small inputs and with Ray Data's default (aggregator actors),
+    which it keeps for large ones: the same bytes, and the driver's own shuffle setting is left as it was."""
+    from raysrec.data import pipeline
+
+    context = ray_local.data.DataContext.get_current()
+    driver_default = context.shuffle_strategy
     outs = []
-    for name in ("a", "b"):
+    for name, limit in (("a", pipeline.TASK_SHUFFLE_MAX_SPLITS), ("b", -1)):
+        monkeypatch.setattr(pipeline, "TASK_SHUFFLE_MAX_SPLITS", limit)
         cfg = PrepareConfig(source=SourceConfig(path=str(ml100k_dir)), output=str(tmp_path / name),
                             min_rating=3.0, user_k_core=5, item_k_core=5, max_sequence_length=50)
         manifest = prepare(cfg)
@@ -48,6 +55,8 @@ def test_same_input_and_config_give_identical_outputs(ray_local, ml100k_dir, tmp
         assert manifest["rows_read"] == manifest["rows_kept"] + sum(manifest["rows_dropped"].values())
         assert manifest["rows_dropped"]["rating_below_min"] == 17_480
         assert manifest["rows_dropped"]["truncated"] > 0
+        assert context.shuffle_strategy == driver_default
+        assert manifest["shuffle"] == ("sort_shuffle_pull_based" if name == "a" else driver_default.value)
     assert digest(outs[0]) == digest(outs[1])
 
 
