@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.ray_utils import ensure_ray
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit

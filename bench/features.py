@@ -32,7 +32,7 @@ from pathlib import Path
 
 from raysrec.data.pipeline import PrepareConfig, prepare
 from raysrec.data.sources import SourceConfig
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.ray_utils import ensure_ray
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from features import prepared  # noqa: E402  (the benchmark's own data readers and cache)
 
 from raysrec.evaluation import CheckpointEvaluator  # noqa: E402
-from raysrec.models.sequential import ModelConfig  # noqa: E402
+from raysrec.models.config import ModelConfig  # noqa: E402
 from raysrec.ray_utils import ensure_ray  # noqa: E402
 from raysrec.train.config import TrainConfig  # noqa: E402
 from raysrec.train.run import fit  # noqa: E402

@@ -29,7 +29,7 @@ from accuracy import prepared, run_options  # same folder
 
 from raysrec.data.storage import PreparedData
 from raysrec.evaluation import held_out_items
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.ray_utils import ensure_ray
 from raysrec.text.embed import EmbedConfig, embed_items
 from raysrec.train.config import TrainConfig

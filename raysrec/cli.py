@@ -133,7 +133,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from raysrec.data.storage import PreparedData  # noqa: PLC0415
     from raysrec.ray_utils import ensure_ray  # noqa: PLC0415
     from raysrec.train.config import TrainConfig  # noqa: PLC0415
-    from raysrec.train.run import fit  # noqa: PLC0415
 
     cfg = _config_from_args(TrainConfig, args)
     data = PreparedData.load(cfg.data)   # a wrong --data fails here, in one line, before Ray starts
@@ -162,6 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from raysrec import artifact  # noqa: PLC0415
 
         cfg = cfg.replace(init_from=artifact.locate(cfg.init_from))
+    from raysrec.train.run import fit  # noqa: PLC0415  (PyTorch: after the checks, so a mistake is reported at once)
+
     if not args.no_ray:
         ensure_ray(num_cpus=args.num_cpus)
     metrics = fit(cfg, use_ray=not args.no_ray)

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:     # torch is imported where tensors are made: reading prepared data (and the CLI) needs no torch
+    import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,4 +106,6 @@ def user_tokens(values: Sequence[Optional[dict]], vocab: dict[str, list[str]], k
 
 
 def to_tensors(arrays: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    import torch  # noqa: PLC0415
+
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in arrays.items()}

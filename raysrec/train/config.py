@@ -6,7 +6,7 @@ import dataclasses
 from typing import Literal, Optional
 
 from raysrec.config import Config, check, option
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 
 # What "best" means, everywhere: early stopping, the checkpoint kept, the exported model, the winning trial.
 VALID_METRIC = "valid_ndcg@10"

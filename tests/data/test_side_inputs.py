@@ -91,7 +91,7 @@ def test_next_buy_trains_and_scores_on_buys_with_every_behaviour_in_the_history(
     """train.target_types buy on Taobao: the valid and test targets are each user's last two buys, the history
     before them keeps the views, carts and favourites, and the saved model is scored on those targets."""
     from raysrec.errors import RaysrecError
-    from raysrec.models.sequential import ModelConfig
+    from raysrec.models.config import ModelConfig
     from raysrec.train.config import TrainConfig
     from raysrec.train.run import fit
 
@@ -166,7 +166,7 @@ def test_item_attributes_are_used_when_the_prepared_data_has_them(ray_local, tao
     """model.use_item_features unset: on when prepare wrote item attributes, off when it did not; what was decided is
     what the model config saves. Asked for on data without any, or switched off, it says so."""
     from raysrec.errors import ConfigError
-    from raysrec.models.sequential import ModelConfig
+    from raysrec.models.config import ModelConfig
     from raysrec.train.config import TrainConfig
     from raysrec.train.loop import resolve_model_config
 
@@ -221,7 +221,7 @@ def test_movielens_user_attributes_from_prepare_to_an_answer(ray_local, tmp_path
     """prepare --user-features on ML-100K (RecBole's ml-100k.user is found beside the .inter): every user's age
     bucket, gender and occupation in users.parquet and the manifest; a model trained with them reads them, and
     answers a request's raw values with the same encoding."""
-    from raysrec.models.sequential import ModelConfig
+    from raysrec.models.config import ModelConfig
     from raysrec.serving.recommender import Query, Recommender
     from raysrec.train.config import TrainConfig
     from raysrec.train.run import fit

@@ -17,7 +17,7 @@ def ray_gpu(ray_local):
 @pytest.fixture(scope="session")
 def trained_model(synth_prepared, tmp_path_factory):
     """A model trained for 2 epochs on the GPU (single process, bf16)."""
-    from raysrec.models.sequential import ModelConfig
+    from raysrec.models.config import ModelConfig
     from raysrec.train.config import TrainConfig
     from raysrec.train.run import fit
 

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit
 from tests.models_for_tests import tiny_model

@@ -12,7 +12,7 @@ from raysrec import artifact as ckpt
 from raysrec.config import redact
 from raysrec.errors import CheckpointError
 from raysrec.files import sha256_file
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.pipeline import PipelineConfig
 from raysrec.serving.config import ServeConfig
 from raysrec.train.config import TrainConfig

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit
 

@@ -10,7 +10,7 @@ import requests
 
 from raysrec.data.pipeline import PrepareConfig, prepare
 from raysrec.data.sources import SourceConfig
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit
 

@@ -9,7 +9,7 @@ import json
 import pandas as pd
 import pytest
 
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit
 

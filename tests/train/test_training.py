@@ -15,7 +15,7 @@ import torch
 
 from raysrec import artifact as ckpt
 from raysrec.errors import CheckpointError
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
 from raysrec.train.run import fit

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysrec.models.sequential import ModelConfig
+from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.tuning.search import SearchConfig, run_search
 
