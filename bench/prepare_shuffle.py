@@ -65,8 +65,7 @@ def main() -> None:
     for name in args.logs:
         source = LOGS[name](work, args.synth_events)
         seconds: dict[str, list[float]] = {"default": [], "tasks": []}
-        outputs = {}
-        manifest = {}
+        outputs, manifest = {}, {}
         for _ in range(args.repeats):
             for mode, limit in (("default", -1), ("tasks", 10**9)):
                 pipeline.TASK_SHUFFLE_MAX_SPLITS = limit
@@ -77,7 +76,7 @@ def main() -> None:
                 seconds[mode].append(time.perf_counter() - started)
                 outputs[mode] = out
         pipeline.TASK_SHUFFLE_MAX_SPLITS = default_limit
-        for a, b in zip(_contents(outputs["default"]), _contents(outputs["tasks"])):
+        for a, b in zip(_contents(outputs["default"]), _contents(outputs["tasks"]), strict=True):
             pd.testing.assert_frame_equal(a, b)     # the same prepared data either way
         d, t = statistics.median(seconds["default"]), statistics.median(seconds["tasks"])
         print(f"| {name} | {manifest['rows_read']:,} | {d:.2f} | {t:.2f} | {d / t:.1f}x |",

@@ -397,7 +397,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 # Up to this many input splits (~32 MB of text or a Parquet row group each), the group stage shuffles with tasks
 # (Ray Data's sort-based pull shuffle) instead of Ray's default, which starts aggregator actors for every run: on
-# a small log those actors' start-up was most of prepare's time (bench/prepare.py --shuffle, docs/benchmarks.md).
+# a small log those actors' start-up was most of prepare's time (bench/prepare_shuffle.py, docs/benchmarks.md).
 TASK_SHUFFLE_MAX_SPLITS = 16
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raysrec.config import check
-from raysrec.models.config import ModelConfig  # noqa: F401  (its home; imported from here too)
+from raysrec.models.config import ModelConfig
 from raysrec.models.layers import Encoder, causal_mask
 
 
