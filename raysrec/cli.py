@@ -12,7 +12,7 @@ from types import UnionType
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from raysrec.config import field_of
-from raysrec.errors import RaysrecError
+from raysrec.errors import ConfigError, RaysrecError
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, specs: list[str]) -> None:
@@ -150,7 +150,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"resuming from {checkpoint} (epoch {artifact.verify_checkpoint(checkpoint).get('epoch')})")
     if cfg.resume and not args.no_ray:   # and --resume with no run to continue
         from raysrec.config import redact  # noqa: PLC0415
-        from raysrec.errors import ConfigError  # noqa: PLC0415
         from raysrec.train.ray_train import latest_run  # noqa: PLC0415
         from raysrec.train.run import run_storage  # noqa: PLC0415
 
@@ -204,10 +203,12 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.max_users is not None and args.max_users < 0:
+        raise ConfigError(f"evaluate --max-users: expected a number of users >= 0 (0: every user), got {args.max_users}")
     from raysrec.evaluation import evaluate_checkpoint  # noqa: PLC0415
 
     metrics = evaluate_checkpoint(args.data, args.model, protocol=args.protocol, split=args.split, seed=args.seed,
-                                  targets=args.targets, candidates=args.candidates)
+                                  targets=args.targets, candidates=args.candidates, max_users=args.max_users)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -370,7 +371,6 @@ def _cmd_events_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_events_export(args: argparse.Namespace) -> int:
     from raysrec.config import redact  # noqa: PLC0415
-    from raysrec.errors import ConfigError  # noqa: PLC0415
     from raysrec.online.events import StoreConfig  # noqa: PLC0415
     from raysrec.online.log import export_events  # noqa: PLC0415
     from raysrec.online.store import open_store  # noqa: PLC0415
@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cold/warm: only targets among / outside the items held out by --cold-items")
     p.add_argument("--candidates", choices=["all", "cold"], default="all",
                    help="cold (with --targets cold): rank the target among the held-out items only")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="score a fixed, seeded sample of this many users, with 95-percent confidence intervals "
+                        "(default: the model's final_eval_max_users, as its metrics.json; 0: every user)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("recommend", help="top-k for every user, offline (Ray Data batch inference) -> Parquet")

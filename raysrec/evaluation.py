@@ -36,7 +36,7 @@ finite-population correction), so a sampled figure says how far it can be from t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -225,19 +225,14 @@ def without_items(seqs: SequenceSet, drop: np.ndarray) -> SequenceSet:
 
 # ---------------------------------------------------------------- a model over examples
 @torch.no_grad()
-def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[int], batch_size: int,
-             device: torch.device, bf16: bool = False, protocol: Protocol = "full", rank: int = 0,
-             world_size: int = 1, num_sampled: int = 100, seed: int = 0,
-             allowed: Optional[torch.Tensor] = None, chunk_items: int = 65536) -> np.ndarray:
-    """Metric sums over this worker's share of ``examples``: ``[count, sums in metric_keys(ks) order, sums of
-    squares in the same order]`` (the squares give :func:`confidence`; :func:`summarize` reads the sums).
-
-    Full ranking scores the catalogue ``chunk_items`` at a time: no (batch x catalogue) matrix is held.
-    """
+def iterate_ranks(model: SequentialRecommender, examples: Examples, *, batch_size: int, device: torch.device,
+                  bf16: bool = False, protocol: Protocol = "full", rank: int = 0, world_size: int = 1,
+                  num_sampled: int = 100, seed: int = 0, allowed: Optional[torch.Tensor] = None,
+                  chunk_items: int = 65536) -> Iterator[torch.Tensor]:
+    """The 0-based rank of each row's target, one tensor per batch of this worker's share of ``examples`` (in
+    their order), on the device. Full ranking scores the catalogue ``chunk_items`` at a time: no (batch x
+    catalogue) matrix is held."""
     model.eval()
-    ks = list(ks)
-    keys = metric_keys(ks)
-    totals = np.zeros(1 + 2 * len(keys))
     generator = torch.Generator().manual_seed(seed)
     for batch in iterate_batches(examples, batch_size, rank=rank, world_size=world_size, device=device,
                                  with_history=True):
@@ -245,14 +240,24 @@ def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[i
             hidden = model(batch).user                                          # (B, d) newest position
         targets = batch["target_ids"][:, -1]
         if protocol == "full":
-            ranks = full_ranking_ranks_chunked(hidden, model.item_rows(), targets, batch["history"], allowed,
-                                               chunk_items)
+            yield full_ranking_ranks_chunked(hidden, model.item_rows(), targets, batch["history"], allowed,
+                                             chunk_items)
         else:
             candidates = sampled_candidates(targets, batch["history"], model.cfg.num_items, num_sampled, generator)
-            ranks = sampled_ranks(model.score_items(hidden.float(), candidates))
+            yield sampled_ranks(model.score_items(hidden.float(), candidates))
+
+
+def evaluate(model: SequentialRecommender, examples: Examples, *, ks: Iterable[int], **options: Any) -> np.ndarray:
+    """Metric sums over this worker's share of ``examples``: ``[count, sums in metric_keys(ks) order, sums of
+    squares in the same order]`` (the squares give :func:`confidence`; :func:`summarize` reads the sums).
+    ``options`` are :func:`iterate_ranks`'s."""
+    ks = list(ks)
+    keys = metric_keys(ks)
+    totals = np.zeros(1 + 2 * len(keys))
+    for ranks in iterate_ranks(model, examples, **options):
         values = metric_values(ranks, ks)
         stacked = torch.stack([values[k] for k in keys])                      # (metrics, B), on the device
-        totals[0] += len(targets)
+        totals[0] += len(ranks)
         totals[1:] += torch.cat([stacked.sum(1), (stacked * stacked).sum(1)]).cpu().numpy()   # one transfer
     return totals
 
@@ -289,9 +294,10 @@ class CheckpointEvaluator:
     def score(self, split: Literal["valid", "test"] = "test", protocol: Protocol = "full", seed: int = 0,
               targets: Literal["all", "cold", "warm"] = "all", candidates: Literal["all", "cold"] = "all",
               max_users: Optional[int] = None) -> dict[str, float]:
-        """See :func:`evaluate_checkpoint`. ``max_users`` bounds the users scored further than the model's
-        ``eval_max_users``; when fewer users than there are get scored, the figures carry ``users_total`` and
-        the half-widths of their 95 % confidence intervals (``ci95_ndcg@10``, ...)."""
+        """See :func:`evaluate_checkpoint`. ``max_users`` bounds the users scored (a fixed, seeded sample; unset:
+        the model's ``final_eval_max_users``, the bound of its ``metrics.json``; 0: every user); when fewer users
+        than there are get scored, the figures carry ``users_total`` and the half-widths of their 95 %
+        confidence intervals (``ci95_ndcg@10``, ...)."""
         cfg, cold = self.cfg, self.cold
         if targets != "all" and cold is None:
             raise ConfigError(f"targets={targets!r} needs a model trained with cold_items > 0")
@@ -302,8 +308,7 @@ class CheckpointEvaluator:
             is_cold = cold[examples.targets()]
             examples = subset(examples, np.flatnonzero(is_cold if targets == "cold" else ~is_cold))
         population = len(examples)
-        bounds = [b for b in (cfg.eval_max_users, max_users) if b]
-        examples = examples.sample(min(bounds) if bounds else None, cfg.seed)
+        examples = examples.sample(cfg.final_eval_max_users if max_users is None else max_users, cfg.seed)
         allowed = torch.from_numpy(cold) if candidates == "cold" and cold is not None else None
         totals = evaluate(self.model, examples, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=self.device,
                           bf16=cfg.bf16, protocol=protocol, seed=seed, allowed=allowed,
@@ -318,26 +323,25 @@ class CheckpointEvaluator:
 def evaluate_checkpoint(data_dir: str | Path, model_dir: str | Path, protocol: Protocol = "full",
                         split: Literal["valid", "test"] = "test", device: str = "cpu", seed: int = 0,
                         targets: Literal["all", "cold", "warm"] = "all",
-                        candidates: Literal["all", "cold"] = "all") -> dict[str, float]:
+                        candidates: Literal["all", "cold"] = "all", max_users: Optional[int] = None) -> dict[str, float]:
     """Score a saved model on the valid or test targets of the prepared folder it was trained on.
 
     ``targets``: ``all``, or (for a model trained with ``cold_items``) only the rows whose target is
     a held-out ``cold`` item, or a ``warm`` one. ``candidates``: ``all`` items compete, or only the
     held-out ``cold`` ones (how well new items are ranked among the new items, e.g. for a "new
-    arrivals" slot).
+    arrivals" slot). ``max_users``: see :meth:`CheckpointEvaluator.score`.
     """
-    return CheckpointEvaluator(data_dir, model_dir, device).score(split, protocol, seed, targets, candidates)
+    return CheckpointEvaluator(data_dir, model_dir, device).score(split, protocol, seed, targets, candidates,
+                                                                  max_users)
 
 
 def final_scores(checkpoint: str | Path, data: str, device: str = "cpu") -> dict[str, Any]:
     """The figures a model folder carries: valid and test metrics and, for the cold-start protocol, ``cold``.
     The checkpoint and the data are loaded once for all of them."""
     evaluator = CheckpointEvaluator(data, checkpoint, device)
-    bound = evaluator.cfg.final_eval_max_users or None
     cold = None
     if evaluator.cold is not None:
-        cold = {"test_cold": evaluator.score(targets="cold", max_users=bound),
-                "test_warm": evaluator.score(targets="warm", max_users=bound),
-                "test_cold_among_cold": evaluator.score(targets="cold", candidates="cold", max_users=bound)}
-    return {"valid": evaluator.score(split="valid", max_users=bound),
-            "test": evaluator.score(split="test", max_users=bound), "cold": cold}
+        cold = {"test_cold": evaluator.score(targets="cold"), "test_warm": evaluator.score(targets="warm"),
+                "test_cold_among_cold": evaluator.score(targets="cold", candidates="cold")}
+    return {"valid": evaluator.score(split="valid"),
+            "test": evaluator.score(split="test"), "cold": cold}

@@ -18,6 +18,14 @@ from raysrec.models.inputs import model_input, to_tensors, window
 Split = Literal["train", "valid", "test"]
 
 
+def sample_rows(count: int, max_rows: Optional[int], seed: int, rank: int = 0, parts: int = 1) -> Optional[np.ndarray]:
+    """The sorted row indices of :meth:`Examples.sample` among ``count`` rows (``None``: every row)."""
+    share = -(-max_rows // parts) if max_rows else None
+    if share is None or count <= share:
+        return None
+    return np.sort(np.random.default_rng([seed, 29, rank]).choice(count, share, replace=False))
+
+
 @dataclasses.dataclass
 class Examples:
     """Next-item rows over a :class:`SequenceSet`, cut from its CSR arrays only when a batch is built.
@@ -48,10 +56,8 @@ class Examples:
     def sample(self, max_rows: Optional[int], seed: int, rank: int = 0, parts: int = 1) -> Examples:
         """A fixed, seeded sample of ``max_rows`` rows in all (``parts`` workers holding different rows take
         their share each), in their order; all of them when ``max_rows`` is unset or not smaller."""
-        share = -(-max_rows // parts) if max_rows else None
-        if share is None or len(self) <= share:
-            return self
-        return self.subset(np.sort(np.random.default_rng([seed, 29, rank]).choice(len(self), share, replace=False)))
+        rows = sample_rows(len(self), max_rows, seed, rank, parts)
+        return self if rows is None else self.subset(rows)
 
     @property
     def user_index(self) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 
 from raysrec import artifact as ckpt
 from raysrec.errors import CheckpointError
+from raysrec.evaluation import CheckpointEvaluator
 from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
 from raysrec.train.loop import LocalSession, train_loop
@@ -146,18 +147,25 @@ class _FailingSession(LocalSession):
         raise RuntimeError("the report failed")
 
 
-def test_eval_max_users_scores_a_fixed_sample_of_users(synth_prepared, tmp_path):
-    """One process: the epochs are validated on the same seeded sample of users that metrics.json reports (with
-    several workers each validates its share of the users it reads)."""
+def test_eval_max_users_validates_the_epochs_on_a_fixed_sample_and_metrics_json_on_its_own_bound(synth_prepared,
+                                                                                                    tmp_path):
+    """One process: every epoch is validated on the same seeded sample of eval_max_users users (the best epoch's
+    figure is the best checkpoint's on that sample), while metrics.json scores final_eval_max_users users
+    (default 50,000: all 300 here); 0 validates every user."""
     torch.set_num_threads(1)
     cfg = TrainConfig(data=str(synth_prepared), output=str(tmp_path / "out"), model=SMALL, epochs=2, patience=5,
                       eval_max_users=150)
     saved = fit(cfg, use_ray=False)
-    assert saved["valid"]["rows"] == saved["test"]["rows"] == 150
+    assert saved["valid"]["rows"] == saved["test"]["rows"] == 300 and "ci95_ndcg@10" not in saved["valid"]
     history = pd.read_csv(tmp_path / "out" / "history.csv")
-    assert saved["valid"]["ndcg@10"] == pytest.approx(history["valid_ndcg@10"].max(), abs=1e-6)
-    everyone = fit(cfg.replace(output=str(tmp_path / "all"), eval_max_users=None, epochs=1), use_ray=False)
-    assert everyone["valid"]["rows"] == 300
+    on_sample = CheckpointEvaluator(synth_prepared, tmp_path / "out").score(split="valid", max_users=150)
+    assert on_sample["rows"] == 150 and on_sample["users_total"] == 300
+    assert on_sample["ndcg@10"] == pytest.approx(history["valid_ndcg@10"].max(), abs=1e-6)
+    assert on_sample["ndcg@10"] != pytest.approx(saved["valid"]["ndcg@10"], abs=1e-6)
+
+    everyone = fit(cfg.replace(output=str(tmp_path / "all"), eval_max_users=0, epochs=1), use_ray=False)
+    history = pd.read_csv(tmp_path / "all" / "history.csv")
+    assert everyone["valid"]["ndcg@10"] == pytest.approx(history["valid_ndcg@10"].max(), abs=1e-6)
 
 
 def test_a_failing_run_leaves_no_scratch_files_behind(synth_prepared, tmp_path, monkeypatch):
@@ -185,6 +193,23 @@ def test_a_user_mistake_in_evaluate_is_one_line_and_exit_2(synth_prepared, tmp_p
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "cold_items > 0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_max_users_scores_a_sample_with_intervals_or_every_user(synth_prepared, tmp_path):
+    session = LocalSession(tmp_path / "best")
+    session.verbose = False
+    train_loop(TrainConfig(data=str(synth_prepared), model=SMALL, epochs=1), session)
+    base = [sys.executable, "-m", "raysrec.cli", "evaluate", "--data", str(synth_prepared), "--model",
+            str(tmp_path / "best")]
+    sample = json.loads(subprocess.run(base + ["--max-users", "120"], capture_output=True, text=True, timeout=300,
+                                       check=True).stdout)
+    assert sample["rows"] == 120 and sample["users_total"] == 300 and sample["ci95_ndcg@10"] > 0
+    every = json.loads(subprocess.run(base + ["--max-users", "0"], capture_output=True, text=True, timeout=300,
+                                      check=True).stdout)
+    assert every["rows"] == 300 and "ci95_ndcg@10" not in every
+    assert every == CheckpointEvaluator(synth_prepared, tmp_path / "best").score(max_users=0)
+    proc = subprocess.run(base + ["--max-users", "-1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--max-users" in proc.stderr
 
 
 def test_verbose_turns_ray_train_report_lines_back_on():
