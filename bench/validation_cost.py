@@ -7,8 +7,9 @@ log (Amazon Sports by default), and after every epoch scores the checkpoint on e
 each way of validating, exactly as the training loop does it (the best valid NDCG@10 so far, strictly; stop after
 ``--patience`` epochs without a better one):
 
-* every user, every epoch (what ``train.eval_max_users`` unset does);
-* a fixed, seeded sample of N users (``train.eval_max_users: N``; the loop's own sampler), for many seeds;
+* every user, every epoch (what ``train.eval_max_users: 0`` does);
+* a fixed, seeded sample of N users (``train.eval_max_users: N``, default 10,000; the loop's own sampler), for many
+  seeds;
 * every user, every k-th epoch (patience counted in epochs).
 
 Each rule's pick is judged by the every-user test NDCG@10 of the epoch it picks, against the every-user rule's,
@@ -115,7 +116,7 @@ def rules(curves: dict[str, Any], sizes: list[int], samples: int, every: list[in
     def row(rule: str, picks: list[tuple[int, Optional[int]]], users_scored: int, k: int = 1) -> dict[str, Any]:
         best = [b for b, _ in picks]
         stops = [s for _, s in picks if s is not None]
-        validations = [len([e for e in range(k, (s or epochs) + 1, k)]) for _, s in picks]
+        validations = [(s or epochs) // k for _, s in picks]      # validated epochs up to the stop
         return {"rule": rule, "draws": len(picks), "users": users_scored,
                 "valid_s_per_epoch": users_scored * per_user / k,
                 "best_epochs": sorted(set(best)), "best_epoch_mean": statistics.mean(best),
