@@ -9,8 +9,12 @@ Three measurements in one run, on the same prepared data (ML-100K by default), m
 Throughput is training examples (target positions) per second inside the epoch loop, the
 median over epochs; the wall time including Ray's worker-group start-up is printed too. On a
 GPU box pass ``--use-gpu`` (bf16 autocast) and the plain loop runs on CUDA as well; ``--ce`` then
-runs the plain loop once per full-CE implementation (``plain``: the whole logit matrix; ``chunked``:
-:class:`ChunkedLogSumExp`; ``fused``: Cut Cross-Entropy) and reports each one's peak GPU memory.
+runs the plain loop once per full-CE implementation and reports each one's peak GPU memory: ``plain`` is
+PyTorch's own ``F.cross_entropy`` over the whole logit matrix (what a user writes); ``chunked`` is
+:class:`ChunkedLogSumExp` scoring ``ce_chunk_items`` items at a time whatever the batch, recomputing the logits in
+backward (raysrec before trimmed batches sized it); ``auto`` is what training does (the chunk sized to the
+trimmed batch, the softmax kept for backward when the catalogue fits); ``fused`` is Cut Cross-Entropy. ``--ce``
+works on CPU too.
 ``--synthetic-items N`` trains on a generated log with an N-item catalogue instead of ML-100K; ``--sports`` on
 Amazon Sports (../shared/data/amazon-sports, one user per line, converted here to a CSV whose time is the
 line position). ``--layouts`` runs the plain loop once per batch layout: ``padded`` (every batch
@@ -23,6 +27,7 @@ epoch includes the compilation, so give ``--epochs 3`` and read the median.
     python bench/train.py --use-gpu --synthetic-items 1000000 --ce plain chunked fused --workers
     python bench/train.py --sports --layouts padded trimmed grouped --workers --epochs 1
     python bench/train.py --sports --compile --workers --epochs 3
+    python bench/train.py --sports --ce plain chunked auto --workers --epochs 1
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from raysrec.data.examples import iterate_batches, training_examples
 from raysrec.data.storage import PreparedData
@@ -106,8 +112,8 @@ def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str =
     if compile:
         model = torch.compile(model, dynamic=True)
     use_bf16 = device == "cuda" and cfg.bf16
-    chunk = {"plain": 0, "chunked": cfg.ce_chunk_items}.get(ce, 0)
     kernel = "cce" if ce == "fused" else "torch"
+    max_positions = cfg.batch_size * model_cfg.max_length if ce == "auto" else 0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rates = []
@@ -117,8 +123,12 @@ def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str =
                                      device=torch.device(device), **LAYOUTS[layout]):
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
                 valid = batch["target_ids"] > 0
-                loss = full_softmax_ce(model, model(batch).hidden[valid], batch["target_ids"][valid], chunk_items=chunk,
-                                       kernel=kernel)
+                hidden, targets = model(batch).hidden[valid], batch["target_ids"][valid]
+                if ce == "plain":
+                    loss = F.cross_entropy(hidden.float() @ model.item_rows(None, None)[1:].float().T, targets - 1)
+                else:
+                    loss = full_softmax_ce(model, hidden, targets, chunk_items=cfg.ce_chunk_items, kernel=kernel,
+                                           max_positions=max_positions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -136,7 +146,7 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray Train runs (none: plain only)")
-    parser.add_argument("--ce", nargs="+", default=["chunked"], choices=["plain", "chunked", "fused"],
+    parser.add_argument("--ce", nargs="+", default=["chunked"], choices=["plain", "chunked", "auto", "fused"],
                         help="full-CE implementations for the plain loop")
     parser.add_argument("--synthetic-items", type=int, help="train on a generated log with this many items")
     parser.add_argument("--sports", action="store_true", help="train on Amazon Sports (../shared/data/amazon-sports)")

@@ -43,8 +43,11 @@ class TrainConfig(Config):
     lr: float = option(4e-3, 'AdamW learning rate')
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    ce_chunk_items: int = option(8192, "full CE: score the catalogue this many items at a time, recomputing "
-                                       "logits in backward (memory O(positions x chunk)); 0: all at once")
+    ce_chunk_items: int = option(8192, "full CE: a full batch (batch_size x max_length positions) scores the "
+                                       "catalogue this many items at a time, recomputing logits in backward "
+                                       "(memory O(positions x chunk)); a trimmed batch scores more items in the "
+                                       "same memory, and keeps the softmax for backward when the whole catalogue "
+                                       "fits; 0: all at once")
     ce_kernel: Literal["torch", "cce"] = option(
         "torch", "full CE implementation: torch (chunked, exact) or cce, the fused Cut Cross-Entropy kernel "
                  "(CUDA, bf16, the gpu extra; 2x faster on an H100, less precise d(hidden))")

@@ -72,7 +72,8 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
         h, targets = out.hidden[valid].float(), batch["target_ids"][valid]          # (P, d), (P,)
         if cfg.loss == "ce":
             loss = losses.full_softmax_ce(core, h, targets, cfg.label_smoothing, excluded, out.id_keep,
-                                          chunk_items=cfg.ce_chunk_items, kernel=ce_kernel)
+                                          chunk_items=cfg.ce_chunk_items, kernel=ce_kernel,
+                                          max_positions=cfg.batch_size * core.cfg.max_length)
         else:
             neg = losses.draw_negatives(cfg.loss, targets, core.cfg.num_items, cfg.num_negatives, generator, log_q)
             if cfg.loss == "sampled":

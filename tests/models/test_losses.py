@@ -165,3 +165,39 @@ def test_the_fused_ce_kernel_is_refused_off_gpu_in_one_line():
         losses.ce_kernel("cce", torch.device("cpu"))
     with pytest.raises(ConfigError, match="ce_kernel cce needs use_gpu"):
         TrainConfig(ce_kernel="cce").validate()
+
+
+def test_a_trimmed_batch_scores_more_items_at_a_time_in_the_full_batchs_memory():
+    from raysrec.models.losses import chunk_items_for
+
+    assert chunk_items_for(6400, 8192, 6400) == 8192                  # a full batch: the configured chunk
+    assert chunk_items_for(640, 8192, 6400) == 81920                  # a tenth of the positions: 10x the items
+    for positions in (1, 37, 617, 6399):
+        assert positions * chunk_items_for(positions, 8192, 6400) <= 6400 * 8192
+    assert chunk_items_for(617, 0, 6400) == 0                         # 0 stays "the whole catalogue at once"
+    assert chunk_items_for(617, 8192, 0) == 8192                      # no bound given: the chunk as configured
+
+
+def test_the_model_level_loss_is_the_same_whether_a_trimmed_batch_keeps_its_softmax_or_chunks():
+    """``max_positions`` lets a batch of 37 positions score the whole 51-row table at once (and keep its softmax
+    for backward) where a full batch would chunk it by 7: same loss and gradients."""
+    model = build_model(ModelConfig(num_items=N, hidden_dim=D, num_heads=1, num_layers=1, max_length=5))
+    results = []
+    for max_positions in (0, 10 * P):
+        hidden, _, targets, _ = _inputs()
+        model.zero_grad()
+        loss = full_softmax_ce(model, hidden, targets, chunk_items=7, max_positions=max_positions)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), model.item_emb.weight.grad.clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_backward_through_a_kept_softmax_is_refused():
+    """The kept softmax is turned into the gradient in place: a second backward (retain_graph) would read the
+    gradient as a softmax, so it is refused rather than wrong."""
+    hidden, table, targets, allowed = _inputs()
+    loss = softmax_ce(hidden, table, targets, allowed, chunk_items=0)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
