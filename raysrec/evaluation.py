@@ -299,6 +299,8 @@ class CheckpointEvaluator:
         than there are get scored, the figures carry ``users_total`` and the half-widths of their 95 %
         confidence intervals (``ci95_ndcg@10``, ...)."""
         cfg, cold = self.cfg, self.cold
+        if max_users is not None and max_users < 0:
+            raise ConfigError(f"max_users must be >= 0 (0: every user), got {max_users}")
         if targets != "all" and cold is None:
             raise ConfigError(f"targets={targets!r} needs a model trained with cold_items > 0")
         if candidates == "cold" and (targets != "cold" or protocol != "full"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from raysrec import artifact as ckpt
-from raysrec.errors import CheckpointError
+from raysrec.errors import CheckpointError, ConfigError
 from raysrec.evaluation import CheckpointEvaluator
 from raysrec.models.config import ModelConfig
 from raysrec.train.config import TrainConfig
@@ -207,7 +207,10 @@ def test_evaluate_max_users_scores_a_sample_with_intervals_or_every_user(synth_p
     every = json.loads(subprocess.run(base + ["--max-users", "0"], capture_output=True, text=True, timeout=300,
                                       check=True).stdout)
     assert every["rows"] == 300 and "ci95_ndcg@10" not in every
-    assert every == CheckpointEvaluator(synth_prepared, tmp_path / "best").score(max_users=0)
+    evaluator = CheckpointEvaluator(synth_prepared, tmp_path / "best")
+    assert every == evaluator.score(max_users=0)
+    with pytest.raises(ConfigError, match="max_users must be >= 0"):                  # the Python API says so too
+        evaluator.score(max_users=-1)
     proc = subprocess.run(base + ["--max-users", "-1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--max-users" in proc.stderr
 
