@@ -8,8 +8,8 @@ running and the endpoint keeps serving (`serve status` shows it, `serve shutdown
 
 import sys
 
-from raysrec.cli import main
+from raysrec.cli import entry
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    sys.exit(main(["serve", *argv, *([] if "--detach" in argv else ["--detach"])]))
+    entry(["serve", *argv, *([] if "--detach" in argv else ["--detach"])])

@@ -8,7 +8,7 @@ endpoint keeps serving after the job ends (`serve status`, `serve shutdown`).
 
 import sys
 
-from raysrec.cli import main
+from raysrec.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["pipeline", *sys.argv[1:]]))
+    entry(["pipeline", *sys.argv[1:]])

@@ -5,7 +5,7 @@ Offline top-k for every user (Ray Data batch inference); same flags as `raysrec 
 
 import sys
 
-from raysrec.cli import main
+from raysrec.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["recommend", *sys.argv[1:]]))
+    entry(["recommend", *sys.argv[1:]])

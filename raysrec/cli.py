@@ -543,5 +543,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
+def entry(argv: Optional[list[str]] = None) -> None:
+    """What the ``raysrec`` command and the ``jobs/`` entrypoints run: exit with :func:`main`'s status.
+
+    An input refused before Ray started (status 2) exits at once, skipping the interpreter's teardown: there is
+    nothing to clean up, and once, in a clean-clone CI run, a C++ thread of an imported native library aborted
+    that teardown ("terminate called without an active exception", SIGABRT) after the one-line error was
+    printed, so the command ended with -6 instead of 2. With Ray running the teardown stays (it stops Ray)."""
+    code = main(argv)
+    ray = sys.modules.get("ray")
+    if code == 2 and not (ray is not None and ray.is_initialized()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
