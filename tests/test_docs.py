@@ -77,7 +77,7 @@ def test_every_documented_command_exists(page, command, runnable):
         script = REPO / words[1]
         assert script.is_file(), f"{page}: {words[1]} does not exist"
         source = script.read_text()
-        forwarded = re.search(r'main\(\["([\w-]+)", \*sys\.argv\[1:\]\]\)', source)
+        forwarded = re.search(r'entry\(\["([\w-]+)", \*sys\.argv\[1:\]\]\)', source)
         if not forwarded:
             for flag in (w.split("=")[0] for w in words[2:] if w.startswith("--")):
                 assert f'"{flag}"' in source, f"{page}: {words[1]} has no option {flag}"
