@@ -149,6 +149,14 @@ def _mask_columns(logits: torch.Tensor, masked: torch.Tensor, start: int) -> Non
         logits.index_fill_(1, inside - start, float("-inf"))
 
 
+def _chunk_logits(hidden: torch.Tensor, rows: torch.Tensor, buffer: torch.Tensor, masked: torch.Tensor,
+                  start: int) -> torch.Tensor:
+    """``hidden @ rows.T`` written into ``buffer`` (viewed as (P, len(rows))), -inf at the masked items."""
+    logits = torch.mm(hidden, rows.T, out=buffer[:hidden.shape[0] * rows.shape[0]].view(hidden.shape[0], rows.shape[0]))
+    _mask_columns(logits, masked, start)
+    return logits
+
+
 def _exp_shifted(logits: torch.Tensor) -> torch.Tensor:
     """In place ``exp(logits - row max)``; returns the row max (0 for a row that is all -inf, so it stays 0)."""
     top = logits.amax(1, keepdim=True)
@@ -164,8 +172,9 @@ class ChunkedLogSumExp(torch.autograd.Function):
     one matmul and one exp per step instead of the logits computed and exponentiated twice. Otherwise the
     forward keeps only the (P,) result and the backward recomputes each chunk's logits, into one buffer reused
     chunk after chunk. The gradient of the log-partition is the softmax: ``d lse / d hidden = P @ table`` and
-    ``d lse / d table = P.T @ hidden``. On CPU every fresh (P, chunk) tensor is pages the kernel maps and zeroes,
-    so the buffers are written in place: on Amazon Sports (18k items) a full-CE step took half the time.
+    ``d lse / d table = P.T @ hidden``. Logits, exp and softmax are written in place: on CPU each fresh (P, chunk)
+    tensor is tens of MB the kernel maps and zeroes page by page, and on Amazon Sports (18k items) this halved the
+    full-CE step (docs/benchmarks.md, "The full-CE step on CPU").
     """
 
     @staticmethod
@@ -185,9 +194,7 @@ class ChunkedLogSumExp(torch.autograd.Function):
         lse = hidden.new_full((positions,), float("-inf"))
         buffer = hidden.new_empty(positions * chunk)
         for start in range(0, items, chunk):
-            rows = table[start:start + chunk]
-            logits = torch.mm(hidden, rows.T, out=buffer[:positions * rows.shape[0]].view(positions, rows.shape[0]))
-            _mask_columns(logits, masked, start)
+            logits = _chunk_logits(hidden, table[start:start + chunk], buffer, masked, start)
             top = _exp_shifted(logits)
             lse = torch.logaddexp(lse, (top + logits.sum(1, keepdim=True).log()).squeeze(1))
         ctx.save_for_backward(hidden, table, masked, lse)
@@ -205,15 +212,12 @@ class ChunkedLogSumExp(torch.autograd.Function):
             if ctx.chunk == table.shape[0]:
                 weights = kept.mul_(grad_lse[:, None])                              # softmax x grad, in place
                 return weights @ table, weights.T @ hidden, None, None
-            positions = hidden.shape[0]
             grad_hidden = torch.zeros_like(hidden)
             grad_table = torch.empty_like(table)
-            buffer = hidden.new_empty(positions * ctx.chunk)
+            buffer = hidden.new_empty(hidden.shape[0] * ctx.chunk)
             for start in range(0, table.shape[0], ctx.chunk):
                 rows = table[start:start + ctx.chunk]
-                weights = torch.mm(hidden, rows.T,
-                                   out=buffer[:positions * rows.shape[0]].view(positions, rows.shape[0]))
-                _mask_columns(weights, masked, start)
+                weights = _chunk_logits(hidden, rows, buffer, masked, start)
                 weights.sub_(kept[:, None]).exp_().mul_(grad_lse[:, None])          # softmax x grad
                 grad_hidden.addmm_(weights, rows)
                 torch.mm(weights.T, hidden, out=grad_table[start:start + ctx.chunk])
