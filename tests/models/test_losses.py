@@ -201,3 +201,44 @@ def test_a_second_backward_through_a_kept_softmax_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_steps_that_overlap_never_share_the_reused_buffer(chunk):
+    """Each step writes its logits into the buffer the previous step gave back. Forward A, forward B, B's backward,
+    forward C (which takes B's buffer), then A's backward: A's kept softmax must still be A's, so every gradient
+    equals the reference, as with gradient accumulation over micro-batches."""
+    steps = [_inputs(seed) for seed in (1, 2, 3)]
+    want = []
+    for hidden, table, targets, allowed in steps:
+        loss = _reference(hidden, table, targets, allowed, 0.0)
+        want.append((loss.detach(),) + torch.autograd.grad(loss, (hidden, table)))
+
+    def backward(loss, step):
+        return (loss.detach(),) + torch.autograd.grad(loss, step[:2])
+
+    a = softmax_ce(*steps[0], chunk_items=chunk)
+    b = softmax_ce(*steps[1], chunk_items=chunk)
+    got_b = backward(b, steps[1])
+    c = softmax_ce(*steps[2], chunk_items=chunk)
+    got = [backward(a, steps[0]), got_b, backward(c, steps[2])]
+    for step_got, step_want in zip(got, want):
+        for g, w in zip(step_got, step_want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_next_step_writes_into_the_memory_the_last_one_gave_back():
+    from raysrec.models.losses import _SpareBuffer
+
+    spare, like = _SpareBuffer(), torch.zeros(1)
+    first = spare.borrow(1000, like)
+    assert spare.borrow(1000, like).data_ptr() != first.data_ptr()      # lent and not back: a fresh one
+    spare.give_back(first[:500].view(20, 25))                           # a view of it comes back: the whole of it
+    again = spare.borrow(800, like)
+    assert again.data_ptr() == first.data_ptr() and again.numel() >= 800
+    spare.give_back(again)
+    assert spare.borrow(2000, like).data_ptr() != first.data_ptr()      # too small for this step: a new one
+    spare.give_back(torch.zeros(10))
+    spare.give_back(first)                                              # two back: the larger is kept
+    assert spare.borrow(10, like).data_ptr() == first.data_ptr()
+    assert spare.borrow(10, like.double()).dtype == torch.float64
