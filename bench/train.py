@@ -13,7 +13,8 @@ runs the plain loop once per full-CE implementation and reports each one's peak 
 PyTorch's own ``F.cross_entropy`` over the whole logit matrix (what a user writes); ``chunked`` is
 :class:`ChunkedLogSumExp` scoring ``ce_chunk_items`` items at a time whatever the batch, recomputing the logits in
 backward (raysrec before trimmed batches sized it); ``auto`` is what training does (the chunk sized to the
-trimmed batch, the softmax kept for backward when the catalogue fits); ``fused`` is Cut Cross-Entropy. ``--ce``
+trimmed batch, the softmax kept for backward when the catalogue fits, and on CPU the step's matmuls through
+oneDNN: ``cpu_training_matmuls``, which ``--no-bf16`` turns off); ``fused`` is Cut Cross-Entropy. ``--ce``
 works on CPU too.
 ``--synthetic-items N`` trains on a generated log with an N-item catalogue instead of ML-100K; ``--sports`` on
 Amazon Sports (../shared/data/amazon-sports, one user per line, converted here to a CSV whose time is the
@@ -28,6 +29,7 @@ epoch includes the compilation, so give ``--epochs 3`` and read the median.
     python bench/train.py --sports --layouts padded trimmed grouped --workers --epochs 1
     python bench/train.py --sports --compile --workers --epochs 3
     python bench/train.py --sports --ce plain chunked auto --workers --epochs 1
+    python bench/train.py --sports --ce auto --no-bf16 --workers --epochs 1   # MKL's fp32 matmuls on CPU
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from raysrec.data.examples import iterate_batches, training_examples
 from raysrec.data.storage import PreparedData
 from raysrec.models.losses import full_softmax_ce
-from raysrec.models.sequential import ModelConfig, build_model
+from raysrec.models.sequential import ModelConfig, build_model, cpu_training_matmuls
 from raysrec.ray_utils import ensure_ray
 from raysrec.train.config import TrainConfig
 from raysrec.train.run import fit
@@ -119,24 +121,31 @@ def plain_loop(cfg: TrainConfig, device: str, ce: str = "chunked", layout: str =
     rates = []
     for epoch in range(cfg.epochs):
         started, n = time.perf_counter(), 0
-        for batch in iterate_batches(examples, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                     device=torch.device(device), **LAYOUTS[layout]):
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
-                valid = batch["target_ids"] > 0
-                hidden, targets = model(batch).hidden[valid], batch["target_ids"][valid]
-                if ce == "plain":
-                    loss = F.cross_entropy(hidden.float() @ model.item_rows(None, None)[1:].float().T, targets - 1)
-                else:
-                    loss = full_softmax_ce(model, hidden, targets, chunk_items=cfg.ce_chunk_items, kernel=kernel,
-                                           max_positions=max_positions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n += (batch["target_ids"] > 0).sum()
+        with cpu_training_matmuls(torch.device(device), cfg.bf16 and ce == "auto"):
+            for batch in iterate_batches(examples, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                         device=torch.device(device), **LAYOUTS[layout]):
+                step(model, optimizer, batch, cfg, ce, use_bf16, kernel, max_positions)
+                n += (batch["target_ids"] > 0).sum()
         n = int(n)                                   # waits for the last step
         rates.append(n / (time.perf_counter() - started))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     return rates, peak
+
+
+def step(model, optimizer, batch, cfg: TrainConfig, ce: str, use_bf16: bool, kernel: str, max_positions: int) -> None:
+    """One step of the plain loop."""
+    device = batch["input_ids"].device.type
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
+        valid = batch["target_ids"] > 0
+        hidden, targets = model(batch).hidden[valid], batch["target_ids"][valid]
+        if ce == "plain":
+            loss = F.cross_entropy(hidden.float() @ model.item_rows(None, None)[1:].float().T, targets - 1)
+        else:
+            loss = full_softmax_ce(model, hidden, targets, chunk_items=cfg.ce_chunk_items, kernel=kernel,
+                                   max_positions=max_positions)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def main() -> None:
@@ -156,6 +165,8 @@ def main() -> None:
     parser.add_argument("--synthetic-events", type=int, default=2_000_000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=50)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="train.bf16: CUDA autocast; on CPU the auto CE rows and Ray runs' matmuls through oneDNN")
     args = parser.parse_args()
     os.environ.setdefault("RAYSREC_PROGRESS", "0")
 
@@ -170,7 +181,7 @@ def main() -> None:
     device = "cuda" if args.use_gpu else "cpu"
     model = ModelConfig(hidden_dim=args.hidden, max_length=args.max_length)
     base = TrainConfig(data=data, model=model, epochs=args.epochs, patience=args.epochs,
-                       use_gpu=args.use_gpu, bf16=True)
+                       use_gpu=args.use_gpu, bf16=args.bf16)
     torch.set_num_threads(args.num_cpus)
     rows = []
     started = time.perf_counter()

@@ -85,7 +85,7 @@ TRAIN_OPTIONS = [
     "num_workers", "cpus_per_worker", "use_gpu", "model.use_text", "model.id_dropout", "model.use_types",
     "model.use_item_features", "model.features_on_output", "model.use_user_features", "target_types", "cold_items",
     "resume", "resume_from", "init_from", "init_optimizer", "init_shrink", "init_perturb", "item_grads",
-    "eval_max_users", "final_eval_max_users", "storage_path", "verbose"]
+    "eval_max_users", "final_eval_max_users", "bf16", "storage_path", "verbose"]
 RECOMMEND_OPTIONS = ["model:--model,-m", "data:--data,-d", "histories", "output:--output,-o", "k:-k,--k",
                      "exclude_seen", "now", "batch_size", "num_actors", "cpus_per_actor", "use_gpu"]
 EMBED_OPTIONS = ["data:--data,-d", "model", "batch_size", "num_actors", "use_gpu"]

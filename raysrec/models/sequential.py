@@ -271,10 +271,34 @@ class LongShortInterest(SequentialRecommender):
 
 
 def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked for; a no-op elsewhere (CPU runs and evaluates in fp32)."""
+    """bf16 autocast on CUDA when asked for; a no-op elsewhere (CPU runs and evaluates in fp32; a CPU training
+    step's matmuls are :func:`cpu_training_matmuls`)."""
     if device.type == "cuda" and bf16:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cpu_training_matmuls(device: torch.device, bf16: bool):
+    """A bf16 run's training steps on CPU: fp32 matmuls go to oneDNN, allowed to multiply in bf16 and accumulate
+    in fp32 (PyTorch's ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, oneDNN's fpmath mode), instead
+    of MKL's fp32 GEMM. Inputs, outputs and the optimizer stay fp32. PyTorch takes this route only on a CPU with
+    bf16 instructions (elsewhere it changes nothing); what oneDNN then computes depends on the CPU: with AMX
+    (Intel Xeon 4th generation on) it multiplies in bf16, the CPU's counterpart of the CUDA bf16 recipe; on the
+    2-core AMD EPYC the benchmarks ran on (AVX512-BF16, no AMX) it chose its fp32 AVX-512 kernel, equal to fp32
+    within 6e-6 and 2.5x MKL's speed on the full-CE logits (docs/benchmarks.md, "The full-CE step on CPU").
+    Restored on exit, so evaluation, serving and other code in the process keep their precision; a no-op on CUDA
+    (autocast) and when ``bf16`` is off."""
+    if device.type != "cpu" or not bf16:
+        yield
+        return
+    setting = torch.backends.mkldnn.matmul
+    before = setting.fp32_precision
+    setting.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before
 
 
 MODELS = {"sasrec": SASRec, "longshort": LongShortInterest}

@@ -90,7 +90,7 @@ class TrainConfig(Config):
     use_gpu: bool = option(False, 'one GPU (or gpus_per_worker) per worker')
     cpus_per_worker: float = option(2.0, 'CPUs per Ray Train worker')
     gpus_per_worker: float = option(1.0, 'GPUs per worker; fractions share a GPU')
-    bf16: bool = True
+    bf16: bool = option(True, 'mixed precision: bf16 autocast on CUDA; on CPU, training matmuls through oneDNN, which may multiply in bf16 with fp32 sums (no-bf16: fp32 throughout)')
     max_failures: int = 3
     storage_path: Optional[str] = option(None, 'Ray Train storage: a folder every node sees or a URI (s3://...)')
     resume: bool = option(False, "continue the newest Ray Train run in the run storage (output/ray_results or "

@@ -27,7 +27,7 @@ from raysrec.data.storage import PreparedData
 from raysrec.errors import ConfigError, InputError, RaysrecError
 from raysrec.evaluation import check_same_items, evaluate, held_out_items, summarize, without_items
 from raysrec.models import losses
-from raysrec.models.sequential import SequentialRecommender, autocast, build_model
+from raysrec.models.sequential import SequentialRecommender, autocast, build_model, cpu_training_matmuls
 from raysrec.train.config import BEST_SCORE, NOT_BEST, VALID_METRIC, TrainConfig, improves
 from raysrec.train.optim import build_optimizer, sparse_item_grads
 from raysrec.train.warm_start import carry_optimizer, match_items, warm_start
@@ -62,7 +62,8 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainCon
 
     The model runs under bf16 autocast when ``cfg.bf16`` (on CUDA); the loss head runs with autocast off, on
     fp32 hidden states and item rows, so every logit, log-sum-exp and gradient of the loss is fp32 (the fused
-    kernel casts its inputs to bf16 itself)."""
+    kernel casts its inputs to bf16 itself). On CPU the training loop runs the step under
+    :func:`cpu_training_matmuls`, where oneDNN may multiply fp32 matrices in bf16."""
     core = unwrap(model)
     device = batch["input_ids"].device
     with autocast(device, cfg.bf16):
@@ -241,18 +242,19 @@ def _train(cfg: TrainConfig, session: Session, scratch: Path) -> dict[str, Any]:
         loss_sum = torch.zeros((), device=device)
         n_examples = torch.zeros((), dtype=torch.long, device=device)
         n_batches = 0
-        for batch in iterate_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch, rank=rank,
-                                     world_size=world, num_steps=steps, device=device,
-                                     group_by_length=cfg.group_by_length):
-            loss = compute_loss(model, batch, cfg, log_q, generator, excluded, kernel)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            loss_sum += loss.detach().float()
-            n_batches += 1
-            n_examples += (batch["target_ids"] > 0).sum()
+        with cpu_training_matmuls(device, cfg.bf16):
+            for batch in iterate_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                         rank=rank, world_size=world, num_steps=steps, device=device,
+                                         group_by_length=cfg.group_by_length):
+                loss = compute_loss(model, batch, cfg, log_q, generator, excluded, kernel)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                loss_sum += loss.detach().float()
+                n_batches += 1
+                n_examples += (batch["target_ids"] > 0).sum()
         loss_sum, n_examples = float(loss_sum), int(n_examples)     # waits for the epoch's last step
         train_seconds = time.perf_counter() - started
         valid_sums = evaluate(unwrap(model), valid_ex, ks=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=device,

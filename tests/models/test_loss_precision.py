@@ -94,3 +94,66 @@ def test_bf16_autocast_full_ce_is_fp32_in_value_and_gradient(chunk):
     assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
     assert float((dh - ref_dh).abs().max()) <= 1e-4 * float(ref_dh.abs().max())
     assert float((dt - ref_dt).abs().max()) <= 1e-4 * float(ref_dt.abs().max())
+
+
+def _onednn_matmuls(capfd, work) -> list[str]:
+    """The oneDNN matmul executions ``work()`` runs, from oneDNN's own log (verbose mode, on stdout)."""
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        work()
+    return [line for line in capfd.readouterr().out.splitlines() if line.startswith("onednn_verbose") and
+            ",exec,cpu,matmul," in line]
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                                    reason="PyTorch routes fp32 matmuls to oneDNN only on a CPU with bf16 instructions")
+
+
+@needs_cpu_bf16
+def test_a_bf16_cpu_training_step_runs_its_matmuls_in_onednn_and_fp32_otherwise(capfd):
+    """``train.bf16`` on CPU: the step's matmuls (model and full-CE loss, forward and backward) go to oneDNN with
+    bf16 allowed; with ``bf16`` off, or once the step is over, they stay in MKL's fp32 GEMM (no oneDNN matmul)."""
+    from raysrec.models.sequential import cpu_training_matmuls
+
+    cpu = torch.device("cpu")
+    ids = torch.randint(1, 2001, (8, 21), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids[:, :-1], "target_ids": ids[:, 1:]}
+    batch["padding_mask"] = batch["input_ids"] != 0
+    cfg = TrainConfig(loss="ce")
+    results = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)      # PyTorch sends matmuls this small (d = 8) to MKL whatever the setting
+        model = build_model(ModelConfig(num_items=2000, hidden_dim=64, num_heads=1, num_layers=1, max_length=20))
+
+        def step(model=model, bf16=bf16):
+            with cpu_training_matmuls(cpu, bf16):
+                loss = compute_loss(model, batch, cfg, None, None)
+                loss.backward()
+            results[bf16] = (loss.detach(), model.item_emb.weight.grad.clone())
+
+        lines = _onednn_matmuls(capfd, step)
+        if bf16:
+            assert len(lines) >= 6 and all("attr-fpmath:bf16" in line for line in lines)
+            shapes = [line.split(",")[-2] for line in lines]
+            assert "160x64:64x2001" in shapes                        # the loss's logits: positions x items
+        else:
+            assert lines == []
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"     # restored on exit
+    assert _onednn_matmuls(capfd, lambda: model(batch).hidden.sum().backward()) == []
+    # bf16 products at most (CPUs with AMX); fp32 ones on others
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
+def test_cpu_training_matmuls_change_nothing_on_cuda_or_without_bf16_and_restore_after_an_error():
+    from raysrec.models.sequential import cpu_training_matmuls
+
+    setting = torch.backends.mkldnn.matmul
+    for device, bf16 in ((torch.device("cuda"), True), (torch.device("cpu"), False)):
+        with cpu_training_matmuls(device, bf16):
+            assert setting.fp32_precision == "none"
+    with pytest.raises(ValueError):
+        with cpu_training_matmuls(torch.device("cpu"), True):
+            assert setting.fp32_precision == "bf16"
+            raise ValueError("a failing step")
+    assert setting.fp32_precision == "none"

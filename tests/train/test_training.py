@@ -265,3 +265,26 @@ def test_loss_auto_is_decided_by_the_catalogue_and_saved_resolved(synth_prepared
                        session)
     _, saved_cfg, saved_state = ckpt.load_checkpoint(tmp_path / "best")
     assert saved_cfg.loss == expected and state["item_grads"] == saved_state["item_grads"] == grads
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                    reason="PyTorch routes fp32 matmuls to oneDNN only on a CPU with bf16 instructions")
+def test_train_bf16_on_cpu_sends_the_training_steps_matmuls_to_onednn_and_no_bf16_keeps_them_fp32(synth_prepared,
+                                                                                                   tmp_path, capfd):
+    """``train.bf16`` (the default) on CPU: the training steps' matmuls run in oneDNN, bf16 allowed (oneDNN's
+    own log says so); ``--no-bf16`` leaves every one to MKL's fp32 GEMM; evaluation is fp32 either way and the
+    process's setting is back as it was after the run."""
+    model = ModelConfig(hidden_dim=64, num_heads=2, num_layers=1, max_length=20)
+    logged = {}
+    for bf16 in (True, False):
+        session = LocalSession(tmp_path / f"bf16-{bf16}")
+        session.verbose = False
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            train_loop(TrainConfig(data=str(synth_prepared), model=model, epochs=1, loss="ce", bf16=bf16), session)
+        logged[bf16] = [line for line in capfd.readouterr().out.splitlines()
+                        if line.startswith("onednn_verbose") and ",exec,cpu,matmul," in line]
+        assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    assert len(logged[True]) > 50 and all("attr-fpmath:bf16" in line for line in logged[True])
+    assert any(line.split(",")[-2].endswith(":64x201") for line in logged[True])       # the loss: every item
+    assert logged[False] == []
