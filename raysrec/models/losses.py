@@ -209,9 +209,11 @@ class ChunkedLogSumExp(torch.autograd.Function):
     one matmul and one exp per step instead of the logits computed and exponentiated twice. Otherwise the
     forward keeps only the (P,) result and the backward recomputes each chunk's logits, into one buffer reused
     chunk after chunk. The gradient of the log-partition is the softmax: ``d lse / d hidden = P @ table`` and
-    ``d lse / d table = P.T @ hidden``. Logits, exp and softmax are written in place: on CPU each fresh (P, chunk)
-    tensor is tens of MB the kernel maps and zeroes page by page, and on Amazon Sports (18k items) this halved the
-    full-CE step (docs/benchmarks.md, "The full-CE step on CPU").
+    ``d lse / d table = P.T @ hidden``. Logits, exp and softmax are written in place, into the buffer the previous
+    step gave back (:class:`_SpareBuffer`): on CPU each fresh (P, chunk) tensor is tens of MB the kernel maps and
+    zeroes page by page, and on Amazon Sports (18k items) writing in place halved the full-CE step
+    (docs/benchmarks.md, "The full-CE step on CPU"). The kept softmax is one fused in-place ``torch.softmax``; its
+    log-sum-exp is read back from the largest probability, ``exp(top - lse)``.
     """
 
     @staticmethod
