@@ -105,7 +105,7 @@ def steps_only(data_dir: str, loss: str, seconds: float, eval_users: int) -> Non
     from raysrec.data.storage import PreparedData
     from raysrec.evaluation import evaluate
     from raysrec.models import losses
-    from raysrec.models.sequential import ModelConfig, build_model
+    from raysrec.models.sequential import ModelConfig, build_model, cpu_training_matmuls
     from raysrec.train.config import TrainConfig
     from raysrec.train.loop import compute_loss
     from raysrec.train.optim import build_optimizer, sparse_item_grads
@@ -128,10 +128,11 @@ def steps_only(data_dir: str, loss: str, seconds: float, eval_users: int) -> Non
     done, positions, spent, steps, warm_up = 0, 0, 0.0, 0, 3
     for batch in iterate_batches(examples, cfg.batch_size, shuffle=True):
         started = time.perf_counter()
-        out = compute_loss(model, batch, cfg, log_q, generator, None, kernel)
-        optimizer.zero_grad(set_to_none=True)
-        out.backward()
-        optimizer.step()
+        with cpu_training_matmuls(torch.device("cpu"), cfg.bf16):      # as the training loop runs its steps
+            out = compute_loss(model, batch, cfg, log_q, generator, None, kernel)
+            optimizer.zero_grad(set_to_none=True)
+            out.backward()
+            optimizer.step()
         done += 1
         if done == 1 and time.perf_counter() - started > 5:
             warm_up = 1                     # a step of a minute (full CE at 1M items) needs no more warming up
