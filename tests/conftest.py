@@ -67,6 +67,26 @@ def synth_prepared(ray_local, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def onednn_matmuls(capfd):
+    """``onednn_matmuls(work)``: runs ``work()`` and returns the oneDNN matmuls it ran, read from oneDNN's own log
+    (verbose mode, on stdout). Skips on a CPU without bf16 instructions, where PyTorch never routes fp32 matmuls
+    to oneDNN (what ``train.bf16`` on CPU asks for)."""
+    import torch
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("PyTorch routes fp32 matmuls to oneDNN only on a CPU with bf16 instructions")
+
+    def run(work) -> list[str]:
+        capfd.readouterr()
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            work()
+        return [line for line in capfd.readouterr().out.splitlines()
+                if line.startswith("onednn_verbose") and ",exec,cpu,matmul," in line]
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def serve_port() -> int:
     """One HTTP port per test session: Serve's proxy keeps its port for the life of the Ray instance."""

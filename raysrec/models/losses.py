@@ -158,13 +158,9 @@ class _SpareBuffer:
 
     def borrow(self, numel: int, like: torch.Tensor) -> torch.Tensor:
         """A flat tensor of at least ``numel`` elements, of ``like``'s dtype and device."""
-        if like.device.type == "cpu":
-            try:
-                buffer = self._spare.pop()
-            except IndexError:
-                buffer = None
-            if buffer is not None and buffer.numel() >= numel and buffer.dtype == like.dtype:
-                return buffer
+        buffer = self._spare.pop() if like.device.type == "cpu" and self._spare else None
+        if buffer is not None and buffer.numel() >= numel and buffer.dtype == like.dtype:
+            return buffer
         return like.new_empty(numel)
 
     def give_back(self, buffer: torch.Tensor) -> None:

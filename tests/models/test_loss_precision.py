@@ -96,21 +96,7 @@ def test_bf16_autocast_full_ce_is_fp32_in_value_and_gradient(chunk):
     assert float((dt - ref_dt).abs().max()) <= 1e-4 * float(ref_dt.abs().max())
 
 
-def _onednn_matmuls(capfd, work) -> list[str]:
-    """The oneDNN matmul executions ``work()`` runs, from oneDNN's own log (verbose mode, on stdout)."""
-    capfd.readouterr()
-    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-        work()
-    return [line for line in capfd.readouterr().out.splitlines() if line.startswith("onednn_verbose") and
-            ",exec,cpu,matmul," in line]
-
-
-needs_cpu_bf16 = pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                                    reason="PyTorch routes fp32 matmuls to oneDNN only on a CPU with bf16 instructions")
-
-
-@needs_cpu_bf16
-def test_a_bf16_cpu_training_step_runs_its_matmuls_in_onednn_and_fp32_otherwise(capfd):
+def test_a_bf16_cpu_training_step_runs_its_matmuls_in_onednn_and_fp32_otherwise(onednn_matmuls):
     """``train.bf16`` on CPU: the step's matmuls (model and full-CE loss, forward and backward) go to oneDNN with
     bf16 allowed; with ``bf16`` off, or once the step is over, they stay in MKL's fp32 GEMM (no oneDNN matmul)."""
     from raysrec.models.sequential import cpu_training_matmuls
@@ -131,7 +117,7 @@ def test_a_bf16_cpu_training_step_runs_its_matmuls_in_onednn_and_fp32_otherwise(
                 loss.backward()
             results[bf16] = (loss.detach(), model.item_emb.weight.grad.clone())
 
-        lines = _onednn_matmuls(capfd, step)
+        lines = onednn_matmuls(step)
         if bf16:
             assert len(lines) >= 6 and all("attr-fpmath:bf16" in line for line in lines)
             shapes = [line.split(",")[-2] for line in lines]
@@ -139,7 +125,7 @@ def test_a_bf16_cpu_training_step_runs_its_matmuls_in_onednn_and_fp32_otherwise(
         else:
             assert lines == []
     assert torch.backends.mkldnn.matmul.fp32_precision == "none"     # restored on exit
-    assert _onednn_matmuls(capfd, lambda: model(batch).hidden.sum().backward()) == []
+    assert onednn_matmuls(lambda: model(batch).hidden.sum().backward()) == []
     # bf16 products at most (CPUs with AMX); fp32 ones on others
     for got, want in zip(results[True], results[False]):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)

@@ -267,10 +267,9 @@ def test_loss_auto_is_decided_by_the_catalogue_and_saved_resolved(synth_prepared
     assert saved_cfg.loss == expected and state["item_grads"] == saved_state["item_grads"] == grads
 
 
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                    reason="PyTorch routes fp32 matmuls to oneDNN only on a CPU with bf16 instructions")
 def test_train_bf16_on_cpu_sends_the_training_steps_matmuls_to_onednn_and_no_bf16_keeps_them_fp32(synth_prepared,
-                                                                                                   tmp_path, capfd):
+                                                                                                   tmp_path,
+                                                                                                   onednn_matmuls):
     """``train.bf16`` (the default) on CPU: the training steps' matmuls run in oneDNN, bf16 allowed (oneDNN's
     own log says so); ``--no-bf16`` leaves every one to MKL's fp32 GEMM; evaluation is fp32 either way and the
     process's setting is back as it was after the run."""
@@ -279,11 +278,8 @@ def test_train_bf16_on_cpu_sends_the_training_steps_matmuls_to_onednn_and_no_bf1
     for bf16 in (True, False):
         session = LocalSession(tmp_path / f"bf16-{bf16}")
         session.verbose = False
-        capfd.readouterr()
-        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-            train_loop(TrainConfig(data=str(synth_prepared), model=model, epochs=1, loss="ce", bf16=bf16), session)
-        logged[bf16] = [line for line in capfd.readouterr().out.splitlines()
-                        if line.startswith("onednn_verbose") and ",exec,cpu,matmul," in line]
+        cfg = TrainConfig(data=str(synth_prepared), model=model, epochs=1, loss="ce", bf16=bf16)
+        logged[bf16] = onednn_matmuls(lambda cfg=cfg, session=session: train_loop(cfg, session))
         assert torch.backends.mkldnn.matmul.fp32_precision == "none"
     assert len(logged[True]) > 50 and all("attr-fpmath:bf16" in line for line in logged[True])
     assert any(line.split(",")[-2].endswith(":64x201") for line in logged[True])       # the loss: every item
