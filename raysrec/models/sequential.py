@@ -286,7 +286,7 @@ def cpu_training_matmuls(device: torch.device, bf16: bool):
     bf16 instructions (elsewhere it changes nothing); what oneDNN then computes depends on the CPU: with AMX
     (Intel Xeon 4th generation on) it multiplies in bf16, the CPU's counterpart of the CUDA bf16 recipe; on the
     2-core AMD EPYC the benchmarks ran on (AVX512-BF16, no AMX) it chose its fp32 AVX-512 kernel, equal to fp32
-    within 6e-6 and 2.5x MKL's speed on the full-CE logits (docs/benchmarks.md, "The full-CE step on CPU").
+    within 5e-6 and 3x MKL's speed on the full-CE logits (docs/benchmarks.md, "The full-CE step on CPU").
     Restored on exit, so evaluation, serving and other code in the process keep their precision; a no-op on CUDA
     (autocast) and when ``bf16`` is off."""
     if device.type != "cpu" or not bf16:
